@@ -1,0 +1,49 @@
+//! Command line: subcommands dispatch to the library. `train` takes sd-scripts' flags verbatim,
+//! so its arguments are handed unparsed to the training module's own parser.
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sdlora",
+    version,
+    about = "LoRA trainer for Stable Diffusion 1.x/2.x, a drop-in for sd-scripts' train_network.py"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a LoRA with sd-scripts' train_network.py flags (alias: train_network)
+    #[command(alias = "train_network", disable_help_flag = true)]
+    Train {
+        /// sd-scripts flags, e.g. --pretrained_model_name_or_path=model.safetensors --dataset_config=config.toml
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show a LoRA file's metadata, module counts, ranks, alphas, dtypes and weight norms
+    Inspect {
+        /// the LoRA .safetensors file
+        file: std::path::PathBuf,
+    },
+    /// Report the sdlora and libtorch versions, CUDA devices, cuDNN and bf16 support
+    Doctor,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train { args } => crate::train::run_cli(&args),
+        Command::Inspect { file } => crate::lora::inspect::run(&file),
+        Command::Doctor => crate::doctor::run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Dataset config (sd-scripts TOML schema) and the data pipeline.

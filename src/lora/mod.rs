@@ -1,0 +1,2 @@
+//! kohya-compatible LoRA network (sd-scripts' `networks.lora`).
+pub mod inspect;

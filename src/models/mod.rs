@@ -1,0 +1,4 @@
+//! The Stable Diffusion networks (UNet, CLIP text encoder, VAE), their configs, attention
+//! backends and checkpoint loading. Parameter paths mirror the Diffusers module tree, so loading
+//! and LoRA naming are rename tables.
+pub mod layers;

@@ -1,0 +1,10 @@
+//! `sdlora train`: the train_network run.
+use anyhow::Result;
+
+/// Entry point for `sdlora train <sd-scripts flags>`.
+pub fn run_cli(args: &[String]) -> Result<i32> {
+    anyhow::bail!(
+        "sdlora train is not implemented yet (got {} arguments)",
+        args.len()
+    )
+}
