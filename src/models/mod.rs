@@ -2,3 +2,5 @@
 //! backends and checkpoint loading. Parameter paths mirror the Diffusers module tree, so loading
 //! and LoRA naming are rename tables.
 pub mod layers;
+pub mod nn;
+pub mod weights;
