@@ -1,6 +1,7 @@
 //! The Stable Diffusion networks (UNet, CLIP text encoder, VAE), their configs, attention
 //! backends and checkpoint loading. Parameter paths mirror the Diffusers module tree, so loading
 //! and LoRA naming are rename tables.
+pub mod attention;
 pub mod config;
 pub mod layers;
 pub mod nn;
