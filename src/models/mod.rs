@@ -5,4 +5,5 @@ pub mod attention;
 pub mod config;
 pub mod layers;
 pub mod nn;
+pub mod recompute;
 pub mod weights;
