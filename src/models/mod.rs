@@ -4,4 +4,5 @@
 pub mod config;
 pub mod layers;
 pub mod nn;
+pub mod tokenizer;
 pub mod weights;
