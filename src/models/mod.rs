@@ -6,4 +6,5 @@ pub mod config;
 pub mod layers;
 pub mod nn;
 pub mod recompute;
+pub mod unet;
 pub mod weights;
