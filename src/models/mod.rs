@@ -7,4 +7,5 @@ pub mod layers;
 pub mod nn;
 pub mod recompute;
 pub mod tokenizer;
+pub mod unet;
 pub mod weights;
