@@ -1,10 +1,12 @@
 //! CLIP text encoder parity with transformers' CLIPTextModel, and sd-scripts' long-prompt
 //! splicing. References are generated at test time by scripts/make_clip_fixtures.py (run with
 //! `SDLORA_PYTHON`) into a temporary folder. Full-size SD1/SD2 cases need `SDLORA_FULL=1`.
+use sdlora::models::attention::AttentionBackend;
 use sdlora::models::clip::ClipTextModel;
 use sdlora::models::config::ClipTextConfig;
 use sdlora::models::layers::{Container, LayerMut, VisitLayers};
-use sdlora::models::text::{encode_tokens, tokenize_captions};
+use sdlora::models::recompute::Tape;
+use sdlora::models::text::{encode_tokens, encode_tokens_with_tape, tokenize_captions};
 use sdlora::models::tokenizer::ClipTokenizer;
 use sdlora::models::weights::WeightMap;
 use std::collections::HashMap;
@@ -154,6 +156,86 @@ fn tiny_gradients_match_transformers() {
     );
     assert_eq!(order[0].1, Container::ClipAttention);
     assert_eq!(order[4].1, Container::ClipMlp);
+}
+
+#[test]
+fn tiny_eager_backend_matches_transformers() {
+    let _guard = tch::no_grad_guard();
+    let dir = tiny_dir();
+    let mut te = load_model(dir, &ClipTextConfig::tiny());
+    assert_eq!(te.backend, AttentionBackend::Sdpa, "transformers' default");
+    te.backend = AttentionBackend::Math;
+    let r = read(&dir.join("ref.safetensors"));
+    let e = max_abs(&te.forward(&r["input_ids"], None), &r["last_hidden"]);
+    println!("Math (eager) backend: last_hidden max abs err {e:.3e}");
+    assert!(e <= 1e-4, "Math backend max abs err {e}");
+}
+
+/// Per-layer recomputation (the Tape) gives the gradients of plain autograd, through the
+/// long-prompt path and clip_skip.
+#[test]
+fn tiny_gradient_checkpointing_matches_plain() {
+    let dir = tiny_dir();
+    let mut te = load_model(dir, &ClipTextConfig::tiny());
+    te.visit_layers(&mut |_, layer| {
+        if let LayerMut::Linear(l) = layer {
+            l.weight = l.weight.detach().set_requires_grad(true);
+        }
+    });
+    let te = te;
+    let r = read(&dir.join("ref.safetensors"));
+    let ids = &r["long_150_sd1.ids"];
+    tch::manual_seed(7);
+    let target = Tensor::randn([ids.size()[0], 152, 32], (Kind::Float, Device::Cpu));
+    let weights: Vec<Tensor> = te
+        .layers
+        .iter()
+        .flat_map(|l| {
+            [
+                &l.self_attn.q_proj.weight,
+                &l.self_attn.k_proj.weight,
+                &l.self_attn.v_proj.weight,
+                &l.self_attn.out_proj.weight,
+                &l.mlp.fc1.weight,
+                &l.mlp.fc2.weight,
+            ]
+        })
+        .map(|w| w.shallow_clone())
+        .collect();
+    let loss = (encode_tokens(&te, ids, Some(2)) - &target)
+        .square()
+        .mean(Kind::Float);
+    loss.backward();
+    // the skipped last layer never gets a gradient (undefined)
+    let n_used = 4 * 6;
+    assert!(weights[n_used..].iter().all(|w| !w.grad().defined()));
+    let plain: Vec<Tensor> = weights[..n_used].iter().map(|w| w.grad().copy()).collect();
+    for w in &weights[..n_used] {
+        let _ = w.grad().zero_();
+    }
+    let tape = Tape::new();
+    let loss2 = (encode_tokens_with_tape(&te, ids, Some(2), Some(&tape)) - &target)
+        .square()
+        .mean(Kind::Float);
+    assert_eq!(
+        tape.len(),
+        4,
+        "clip_skip=2 runs 4 of 5 layers, one segment each"
+    );
+    tape.backward(&loss2).unwrap();
+    assert_eq!(loss.double_value(&[]), loss2.double_value(&[]));
+    assert!(weights[n_used..].iter().all(|w| !w.grad().defined()));
+    let mut worst = 0f64;
+    for (i, (w, g)) in weights.iter().zip(&plain).enumerate() {
+        let gmax = g.abs().max().double_value(&[]);
+        let rel = max_abs(&w.grad(), g) / gmax;
+        worst = worst.max(rel);
+        assert!(
+            rel <= 1e-5,
+            "weight {i}: checkpointed grad relative err {rel}"
+        );
+    }
+    println!("checkpointed vs plain grads: worst relative err {worst:.3e}");
 }
 
 #[test]

@@ -2,23 +2,14 @@
 //! ViT-H/14, 23 layers) shapes, with sd-scripts' `clip_skip` (spec: sdscripts_model_math.md §1.2,
 //! §1.4, §2.4). Parameter names are transformers', so a `text_encoder/` folder or a converted LDM
 //! checkpoint loads by name.
+use super::attention::{attention, AttentionBackend, AttentionOptions};
 use super::config::{ClipActivation, ClipTextConfig};
 use super::layers::{Container, LayerInfo, LayerMut, Linear, VisitLayers};
 use super::nn::{key, LayerNorm};
+use super::recompute::{checkpoint, Tape};
 use super::weights::WeightMap;
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
-
-/// Most negative finite value of `kind`: transformers' causal mask fills the upper triangle with
-/// `torch.finfo(dtype).min` (added to the scores), not -inf.
-fn finfo_min(kind: Kind) -> f64 {
-    match kind {
-        Kind::Half => -65504.0,
-        Kind::BFloat16 => -3.3895313892515355e38,
-        Kind::Double => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
+use tch::Tensor;
 
 /// `CLIPAttention`: multi-head self-attention with biases on all four projections.
 #[derive(Debug)]
@@ -50,8 +41,8 @@ impl ClipAttention {
         })
     }
 
-    /// `x`: (B, S, hidden); `mask`: (S, S) additive causal mask in x's dtype.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
+    /// `x`: (B, S, hidden), causal self-attention.
+    fn forward(&self, x: &Tensor, backend: AttentionBackend) -> Tensor {
         let (b, s, _) = x.size3().unwrap();
         let split = |t: Tensor| {
             t.view([b, s, self.num_heads, self.head_dim])
@@ -60,15 +51,18 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(x));
         let k = split(self.k_proj.forward(x));
         let v = split(self.v_proj.forward(x));
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // transformers' eager path: scores in the model dtype, softmax in fp32, cast back.
-        let scores = q.matmul(&k.transpose(-1, -2)) * scale + mask;
-        let probs = scores.softmax(-1, Kind::Float).to_kind(x.kind());
-        let o = probs.matmul(&v).transpose(1, 2).contiguous().view([
-            b,
-            s,
-            self.num_heads * self.head_dim,
-        ]);
+        // transformers' eager path does the softmax in fp32 (honoured by the Math backend). Its
+        // causal mask adds finfo(dtype).min above the diagonal; masking with -inf gives the same
+        // probabilities (every row keeps its diagonal), so the shared causal option is exact.
+        let opts = AttentionOptions {
+            causal: true,
+            softmax_fp32: true,
+            ..Default::default()
+        };
+        let o = attention(&q, &k, &v, backend, opts)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, s, self.num_heads * self.head_dim]);
         self.out_proj.forward(&o)
     }
 }
@@ -128,8 +122,10 @@ impl ClipEncoderLayer {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
-        let h = x + self.self_attn.forward(&self.layer_norm1.forward(x), mask);
+    pub fn forward(&self, x: &Tensor, backend: AttentionBackend) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x), backend);
         let m = self.mlp.forward(&self.layer_norm2.forward(&h));
         h + m
     }
@@ -144,6 +140,11 @@ pub struct ClipTextModel {
     pub position_embedding: Tensor,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// How attention is computed. Default `Sdpa`: libtorch's fused kernel, which is what
+    /// transformers 4.54 uses by default (`attn_implementation="sdpa"`), bit-identical to it in
+    /// fp32 on CPU. `Math` = transformers' eager attention (fp32 softmax); same function,
+    /// different rounding (~1e-6 in fp32).
+    pub backend: AttentionBackend,
 }
 
 const PREFIX: &str = "text_model";
@@ -181,6 +182,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            backend: AttentionBackend::Sdpa,
         })
     }
 
@@ -205,16 +207,6 @@ impl ClipTextModel {
         tok + self.position_embedding.narrow(0, 0, s)
     }
 
-    /// The additive causal mask for `s` positions in `kind`.
-    pub fn causal_mask(&self, s: i64, kind: Kind) -> Tensor {
-        Tensor::full(
-            [s, s],
-            finfo_min(kind),
-            (kind, self.token_embedding.device()),
-        )
-        .triu(1)
-    }
-
     /// How many encoder layers run for `clip_skip` (`hidden_states[-k]` is the output of layer
     /// `n + 1 - k`; k = 1 is the last layer).
     pub fn layers_for(&self, clip_skip: Option<i64>) -> usize {
@@ -236,6 +228,17 @@ impl ClipTextModel {
     /// as sd-scripts' `SdTextEncodingStrategy.encode_tokens`. No padding mask (sd-scripts passes
     /// none), so pad tokens attend causally like any other token.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: Option<i64>) -> Tensor {
+        self.forward_with_tape(input_ids, clip_skip, None)
+    }
+
+    /// [`forward`](Self::forward) with gradient checkpointing: with a tape, every encoder layer
+    /// is a recomputed segment (transformers checkpoints each `CLIPEncoderLayer`, spec §6).
+    pub fn forward_with_tape<'a>(
+        &'a self,
+        input_ids: &Tensor,
+        clip_skip: Option<i64>,
+        tape: Option<&Tape<'a>>,
+    ) -> Tensor {
         let s = input_ids.size()[1];
         assert!(
             s <= self.config.max_position_embeddings,
@@ -243,9 +246,11 @@ impl ClipTextModel {
             self.config.max_position_embeddings
         );
         let mut h = self.embed(input_ids);
-        let mask = self.causal_mask(s, h.kind());
+        let backend = self.backend;
         for layer in &self.layers[..self.layers_for(clip_skip)] {
-            h = layer.forward(&h, &mask);
+            h = checkpoint(tape, &[&h], move |xs: &[Tensor]| {
+                layer.forward(&xs[0], backend)
+            });
         }
         self.final_layer_norm.forward(&h)
     }

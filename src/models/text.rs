@@ -10,6 +10,7 @@
 //! a window start) compares a token id with the string `"<|endoftext|>"`, which is never true in
 //! PyTorch, so it never fires; both versions therefore splice states the same way here.
 use super::clip::ClipTextModel;
+use super::recompute::Tape;
 use super::tokenizer::{ClipTokenizer, PadToken, BOS_ID, EOS_ID, MODEL_MAX_LENGTH};
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
@@ -95,12 +96,22 @@ pub fn tokenize_captions<S: AsRef<str>>(
 /// spliced (B, 75n + 2, hidden): BOS state of window 0, positions 1..=75 of every window, and the
 /// last state of the last window.
 pub fn encode_tokens(te: &ClipTextModel, ids: &Tensor, clip_skip: Option<i64>) -> Tensor {
+    encode_tokens_with_tape(te, ids, clip_skip, None)
+}
+
+/// [`encode_tokens`] with the text encoder's layers checkpointed on `tape` (when given).
+pub fn encode_tokens_with_tape<'a>(
+    te: &'a ClipTextModel,
+    ids: &Tensor,
+    clip_skip: Option<i64>,
+    tape: Option<&Tape<'a>>,
+) -> Tensor {
     let (b, n, s) = ids.size3().expect("token windows must be (B, n, 77)");
     assert_eq!(
         s, MODEL_MAX_LENGTH as i64,
         "token windows must have 77 positions"
     );
-    let h = te.forward(&ids.reshape([b * n, s]), clip_skip);
+    let h = te.forward_with_tape(&ids.reshape([b * n, s]), clip_skip, tape);
     let hidden = h.size()[2];
     let h = h.reshape([b, n * s, hidden]);
     if n == 1 {
