@@ -7,6 +7,8 @@
   DIR/model.ckpt         (with --ckpt) the same state dict as a torch pickle
 
 Configs: `tiny` (matches sdlora's UNetConfig::tiny(), ClipTextConfig::tiny(), VaeConfig::tiny()),
+`tiny-v2` (the same sizes in the SD2 layout: Linear projections, upcast_attention, GELU text
+encoder written as an OpenCLIP tower),
 `sd15` (SD1.5 shapes) and `sd21` (SD2.1-768 shapes: linear projections, upcast_attention,
 23-layer GELU OpenCLIP text tower of width 1024).
 
@@ -102,6 +104,9 @@ CONFIGS = {
         ),
     ),
     "sd15": dict(version=1, unet=SD1_UNET, clip=SD1_CLIP, vae=SD_VAE),
+    # tiny with the SD2 layout: Linear projections, upcast_attention, GELU text encoder stored as an
+    # OpenCLIP tower in the single file (for fast tests of the SD2 code paths).
+    "tiny-v2": None,
     "sd21": dict(
         version=2,
         unet=dict(
@@ -128,6 +133,14 @@ CONFIGS = {
         vae=dict(SD_VAE, sample_size=768),
     ),
 }
+
+
+CONFIGS["tiny-v2"] = dict(
+    version=2,
+    unet=dict(CONFIGS["tiny"]["unet"], use_linear_projection=True, upcast_attention=True),
+    clip=dict(CONFIGS["tiny"]["clip"], hidden_act="gelu"),
+    vae=CONFIGS["tiny"]["vae"],
+)
 
 
 def randomize_(model, gen):
@@ -437,15 +450,15 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     torch.set_grad_enabled(False)
     unet, text_encoder, vae = build_models(cfg, args.seed)
+    if args.fp16:
+        # Convert before building the LDM dict, which shares the parameters' storage: one fp16
+        # copy of the model in memory instead of fp32 + fp16.
+        for m in (unet, text_encoder, vae):
+            m.half()
     gen = torch.Generator().manual_seed(args.seed + 3)
     sd = ldm_state_dict(unet, text_encoder, vae, cfg, args.ema, args.old_clip_keys, gen)
     if args.verify:
         verify(sd, cfg, unet, text_encoder, vae)
-    if args.fp16:
-        sd = {
-            k: (v.half() if v.is_floating_point() and not k.startswith(("betas", "alphas", "sqrt_")) else v)
-            for k, v in sd.items()
-        }
     sd = {k: v.contiguous() for k, v in sd.items()}
 
     meta = {"format": "pt", "sdlora.generator": f"make_sd_checkpoint.py --config {args.config} --seed {args.seed}"}

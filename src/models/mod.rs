@@ -3,5 +3,7 @@
 //! and LoRA naming are rename tables.
 pub mod config;
 pub mod layers;
+pub mod loading;
 pub mod nn;
+pub mod vae;
 pub mod weights;
