@@ -18,7 +18,7 @@ diffusers' own single-file converters and comparing every tensor with the Diffus
 
 Usage:
   python scripts/make_sd_checkpoint.py --config tiny --seed 0 --out DIR [--fp16] [--ema] [--ckpt]
-      [--old-clip-keys] [--verify]
+      [--old-clip-keys] [--no-diffusers] [--verify] [--test-variants]
 Full-size configs need several GB of RAM: run them under `flock /tmp/sdlora-bigmem.lock`.
 """
 import argparse
@@ -427,6 +427,42 @@ def verify(sd, cfg, unet, text_encoder, vae):
     compare("text_encoder", got, want_te)
 
 
+def emit(out, cfg, models, seed, fp16, ema, ckpt, old_clip_keys, diffusers_folder, verify_ldm, label):
+    """Writes one checkpoint (both forms) of `models` into `out`. fp16 converts the models in
+    place (irreversibly), so fp32 outputs must be emitted first."""
+    unet, text_encoder, vae = models
+    os.makedirs(out, exist_ok=True)
+    if fp16:
+        # Convert before building the LDM dict, which shares the parameters' storage: one fp16
+        # copy of the model in memory instead of fp32 + fp16.
+        for m in models:
+            m.half()
+    gen = torch.Generator().manual_seed(seed + 3)
+    sd = ldm_state_dict(unet, text_encoder, vae, cfg, ema, old_clip_keys, gen)
+    if verify_ldm:
+        verify(sd, cfg, unet, text_encoder, vae)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+
+    meta = {"format": "pt", "sdlora.generator": f"make_sd_checkpoint.py {label}"}
+    r_unet, r_clip = rule_heads(cfg)
+    if unet_heads(cfg["unet"]) != r_unet:
+        meta[META_UNET_HEADS] = ",".join(str(h) for h in unet_heads(cfg["unet"]))
+    if cfg["clip"]["num_attention_heads"] != r_clip:
+        meta[META_CLIP_HEADS] = str(cfg["clip"]["num_attention_heads"])
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(out, "model.safetensors")
+    save_file(sd, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+    if ckpt:
+        torch.save({"state_dict": sd, "global_step": 0}, os.path.join(out, "model.ckpt"))
+    del sd
+    if diffusers_folder:
+        write_diffusers(os.path.join(out, "diffusers"), unet, text_encoder, vae, fp16)
+    print(f"wrote {path}" + (f" and {os.path.join(out, 'diffusers')}" if diffusers_folder else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), required=True)
@@ -442,43 +478,30 @@ def main():
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the Diffusers folder")
     ap.add_argument("--verify", action="store_true", help="round-trip through diffusers' converters")
+    ap.add_argument(
+        "--test-variants",
+        action="store_true",
+        help="also write, from the same weights, DIR/old_clip_keys/model.safetensors (SD1 only) and "
+        "DIR/fp16_ema/{model.safetensors,diffusers} (one process instead of three, for tests)",
+    )
     args = ap.parse_args()
 
     cfg = CONFIGS[args.config]
     if args.old_clip_keys and cfg["version"] != 1:
         sys.exit("--old-clip-keys applies to SD1 configs only")
-    os.makedirs(args.out, exist_ok=True)
+    if args.test_variants and args.fp16:
+        sys.exit("--test-variants needs an fp32 base (the fp16 variant is derived from it)")
     torch.set_grad_enabled(False)
-    unet, text_encoder, vae = build_models(cfg, args.seed)
-    if args.fp16:
-        # Convert before building the LDM dict, which shares the parameters' storage: one fp16
-        # copy of the model in memory instead of fp32 + fp16.
-        for m in (unet, text_encoder, vae):
-            m.half()
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    sd = ldm_state_dict(unet, text_encoder, vae, cfg, args.ema, args.old_clip_keys, gen)
-    if args.verify:
-        verify(sd, cfg, unet, text_encoder, vae)
-    sd = {k: v.contiguous() for k, v in sd.items()}
-
-    meta = {"format": "pt", "sdlora.generator": f"make_sd_checkpoint.py --config {args.config} --seed {args.seed}"}
-    r_unet, r_clip = rule_heads(cfg)
-    if unet_heads(cfg["unet"]) != r_unet:
-        meta[META_UNET_HEADS] = ",".join(str(h) for h in unet_heads(cfg["unet"]))
-    if cfg["clip"]["num_attention_heads"] != r_clip:
-        meta[META_CLIP_HEADS] = str(cfg["clip"]["num_attention_heads"])
-
-    from safetensors.torch import save_file
-
-    path = os.path.join(args.out, "model.safetensors")
-    save_file(sd, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
-    if args.ckpt:
-        torch.save({"state_dict": sd, "global_step": 0}, os.path.join(args.out, "model.ckpt"))
-    del sd
-    if not args.no_diffusers:
-        write_diffusers(os.path.join(args.out, "diffusers"), unet, text_encoder, vae, args.fp16)
-    print(f"wrote {path}" + ("" if args.no_diffusers else f" and {os.path.join(args.out, 'diffusers')}"))
+    models = build_models(cfg, args.seed)
+    label = f"--config {args.config} --seed {args.seed}"
+    emit(args.out, cfg, models, args.seed, args.fp16, args.ema, args.ckpt, args.old_clip_keys,
+         not args.no_diffusers, args.verify, label)
+    if args.test_variants:
+        if cfg["version"] == 1:
+            emit(os.path.join(args.out, "old_clip_keys"), cfg, models, args.seed, False, False, False,
+                 True, False, False, label + " --old-clip-keys")
+        emit(os.path.join(args.out, "fp16_ema"), cfg, models, args.seed, True, True, False, False,
+             True, False, label + " --fp16 --ema")
 
 
 if __name__ == "__main__":

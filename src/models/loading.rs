@@ -162,16 +162,20 @@ impl MappedSafetensors {
         // would fault, which is the same risk every mmap-based safetensors reader accepts.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("memory-mapping {}", path.display()))?;
-        let head = &mmap[..mmap.len().min(8)];
-        if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
-            return Err(pickle_error(path));
-        }
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            anyhow!(
-                "{}: not a valid .safetensors file ({e:?}); the file may be truncated or of another \
-                 format",
-                path.display()
-            )
+            // torch.save writes a zip archive (new format) or a bare pickle (protocol 2–5).
+            let head = &mmap[..mmap.len().min(2)];
+            if mmap.starts_with(b"PK\x03\x04")
+                || (head.len() == 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
+            {
+                pickle_error(path)
+            } else {
+                anyhow!(
+                    "{}: not a valid .safetensors file ({e:?}); the file may be truncated or of \
+                     another format",
+                    path.display()
+                )
+            }
         })?;
         let mut tensors: Vec<(String, TensorInfo)> = meta
             .tensors()
