@@ -125,7 +125,7 @@ fn missing_and_misshaped_vae_weights_are_named() {
     assert!(AutoencoderKL::load(&cfg, full()).is_ok());
 
     let mut w = full();
-    w.take("decoder.mid_block.attentions.0.to_k.bias").unwrap();
+    let _ = w.take("decoder.mid_block.attentions.0.to_k.bias").unwrap();
     let e = format!("{:#}", AutoencoderKL::load(&cfg, w).unwrap_err());
     assert!(
         e.contains("made-up.safetensors") && e.contains("decoder.mid_block.attentions.0.to_k.bias"),
