@@ -5,7 +5,7 @@
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use sdlora::models::config::{ClipActivation, ClipTextConfig, SdVersion, UNetConfig, VaeConfig};
-use sdlora::models::loading::{load_checkpoint, LoadOptions, LoadedCheckpoint};
+use sdlora::models::loading::{load_checkpoint, load_vae, LoadOptions, LoadedCheckpoint};
 use sdlora::models::weights::WeightMap;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -388,6 +388,46 @@ fn truncated_sdxl_and_lora_files_are_refused() {
         e.contains("does-not-exist") && e.contains("no such file"),
         "{e}"
     );
+}
+
+#[test]
+fn vae_override_sources() {
+    let dir = generated("tiny", "tiny", TINY_ARGS);
+    let want = reference(&dir.join("diffusers/vae"), "diffusion_pytorch_model");
+    let cpu = tch::Device::Cpu;
+    // VAE-only LDM file (like vae-ft-mse-840000): no prefix, plus keys that are not the model.
+    let vae_only = rewrite("vae-only.safetensors", |items| {
+        items.retain(|(k, ..)| k.starts_with("first_stage_model."));
+        for it in items.iter_mut() {
+            it.0 = it.0["first_stage_model.".len()..].to_string();
+        }
+        let extra = items[0].clone();
+        items.push((
+            "loss.logvar".into(),
+            extra.1,
+            extra.2.clone(),
+            extra.3.clone(),
+        ));
+        items.push(("model_ema.decay".into(), extra.1, extra.2, extra.3));
+    });
+    for p in [
+        dir.join("model.safetensors"),
+        dir.join("diffusers"),
+        dir.join("diffusers/vae"),
+        dir.join("diffusers/vae/diffusion_pytorch_model.safetensors"),
+        vae_only,
+    ] {
+        let (cfg, map) =
+            load_vae(&p, cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        assert_eq!(cfg, VaeConfig::tiny(), "{}", p.display());
+        assert_same(&p.display().to_string(), &map, &want, false);
+    }
+    let unet_file = dir.join("diffusers/unet/diffusion_pytorch_model.safetensors");
+    let e = match load_vae(&unet_file, cpu, Kind::Float) {
+        Ok(_) => panic!("a UNet file loaded as a VAE"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("no VAE weights"), "{e}");
 }
 
 fn vm_hwm_kib() -> u64 {

@@ -1058,19 +1058,31 @@ fn detect_clip_config(
     })
 }
 
-fn detect_vae_config(st: &MappedSafetensors, names: &[&str]) -> Result<VaeConfig> {
-    let p = |s: &str| format!("{VAE_PREFIX}{s}");
-    let levels = indices(names, &p("encoder.down.")).len();
+/// VAE config from tensor shapes; `prefix` + LDM names (`diffusers = false`) or Diffusers names.
+fn detect_vae_config(
+    st: &MappedSafetensors,
+    names: &[&str],
+    prefix: &str,
+    diffusers: bool,
+) -> Result<VaeConfig> {
+    let p = |s: &str| format!("{prefix}{s}");
+    let (down, block) = if diffusers {
+        ("encoder.down_blocks.", "resnets")
+    } else {
+        ("encoder.down.", "block")
+    };
+    let levels = indices(names, &p(down)).len();
     if levels == 0 {
         bail!(
-            "{}: no VAE encoder blocks (`{VAE_PREFIX}encoder.down.*`) in this checkpoint",
-            st.path().display()
+            "{}: no VAE encoder blocks (`{}*`) in this file",
+            st.path().display(),
+            p(down)
         );
     }
     let block_out_channels = (0..levels)
-        .map(|i| dim(st, &p(&format!("encoder.down.{i}.block.0.conv1.weight")), 0))
+        .map(|i| dim(st, &p(&format!("{down}{i}.{block}.0.conv1.weight")), 0))
         .collect::<Result<Vec<_>>>()?;
-    let layers = indices(names, &p("encoder.down.0.block.")).len() as i64;
+    let layers = indices(names, &p(&format!("{down}0.{block}."))).len() as i64;
     Ok(VaeConfig {
         in_channels: dim(st, &p("encoder.conv_in.weight"), 1)?,
         out_channels: dim(st, &p("decoder.conv_out.weight"), 0)?,
@@ -1080,6 +1092,128 @@ fn detect_vae_config(st: &MappedSafetensors, names: &[&str]) -> Result<VaeConfig
         norm_num_groups: NORM_GROUPS,
         ..VaeConfig::sd()
     })
+}
+
+/// A VAE on its own, as sd-scripts' `--vae` accepts it (`model_util.load_vae`): a Diffusers VAE
+/// folder (`config.json` + weights), a Diffusers pipeline folder (its `vae/`), or a
+/// `.safetensors` file with an LDM VAE — a full checkpoint (`first_stage_model.*`) or a VAE-only
+/// file such as `vae-ft-mse-840000-ema-pruned.safetensors` (`encoder.down.*`) — or with
+/// Diffusers-named VAE weights. Returns the config and the weights under Diffusers names,
+/// validated against the config.
+pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(VaeConfig, WeightMap)> {
+    if path.is_dir() {
+        let dir = if path.join("vae").is_dir() {
+            path.join("vae")
+        } else {
+            path.to_path_buf()
+        };
+        let json_path = dir.join("config.json");
+        let config = VaeConfig::from_diffusers_json(
+            &read_json(&json_path)?,
+            &json_path.display().to_string(),
+        )?;
+        let map = load_component(
+            &dir,
+            "diffusion_pytorch_model",
+            kind,
+            device,
+            |k| Some(diffusers_vae_key(k)),
+            |d| d.contains(".attentions.0.to_") && d.ends_with(".weight"),
+        )?;
+        validate(&map, &vae_shapes(&config), "VAE", "Diffusers names")?;
+        return Ok((config, map));
+    }
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+        return Err(pickle_error(path));
+    }
+    let st = MappedSafetensors::open(path)?;
+    let names: Vec<&str> = st.names().collect();
+    let diffusers = names.iter().any(|k| k.starts_with("encoder.down_blocks."));
+    let prefix = if names.iter().any(|k| k.starts_with(VAE_PREFIX)) {
+        VAE_PREFIX
+    } else {
+        ""
+    };
+    if !diffusers
+        && !names
+            .iter()
+            .any(|k| k.starts_with(&format!("{prefix}encoder.down.")))
+    {
+        bail!(
+            "{}: no VAE weights (`{VAE_PREFIX}encoder.*`, `encoder.down.*` or \
+             `encoder.down_blocks.*`) in this file",
+            path.display()
+        );
+    }
+    let config = detect_vae_config(&st, &names, prefix, diffusers)?;
+    let levels = config.block_out_channels.len();
+    let mut map = WeightMap::new(path.display().to_string(), device, kind);
+    let mut targets: HashMap<&str, (String, bool)> = HashMap::new();
+    let mut bad = Vec::new();
+    for &k in &names {
+        let Some(r) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        if !["encoder.", "decoder.", "quant_conv.", "post_quant_conv."]
+            .iter()
+            .any(|p| r.starts_with(p))
+        {
+            // Other networks of a full checkpoint, `loss.*`, `model_ema.*`…
+            continue;
+        }
+        let t = if diffusers {
+            let d = diffusers_vae_key(r);
+            let lin = d.contains(".attentions.0.to_") && d.ends_with(".weight");
+            Some((d, lin))
+        } else {
+            ldm_vae_key(r, levels)
+        };
+        match t {
+            Some(t) => {
+                targets.insert(k, t);
+            }
+            None => bad.push(k),
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{}: {} key(s) that are not part of a Stable Diffusion VAE, e.g. {}",
+            path.display(),
+            bad.len(),
+            bad.iter()
+                .take(5)
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    st.for_each(
+        |k| targets.contains_key(k),
+        |k, t| {
+            let (d, lin) = &targets[k];
+            let t = if *lin && t.dim() == 4 {
+                let s = t.size();
+                t.reshape([s[0], s[1] * s[2] * s[3]])
+            } else {
+                t
+            };
+            map.insert(d.clone(), t);
+            Ok(())
+        },
+        |_| kind,
+        device,
+    )?;
+    validate(
+        &map,
+        &vae_shapes(&config),
+        "VAE",
+        "renamed to Diffusers names",
+    )?;
+    Ok((config, map))
 }
 
 fn unsupported_model_error(path: &Path, names: &[&str]) -> Option<anyhow::Error> {
@@ -1225,7 +1359,7 @@ fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<LoadedCheckpoint>
         .collect();
     let unet_config = detect_unet_config(&st, &names, version)?;
     let clip_config = detect_clip_config(&st, &names, version, &text_keys)?;
-    let vae_config = detect_vae_config(&st, &names)?;
+    let vae_config = detect_vae_config(&st, &names, VAE_PREFIX, false)?;
 
     let mut unet = WeightMap::new(source.clone(), opts.device, opts.unet_dtype);
     let mut text = WeightMap::new(source.clone(), opts.device, opts.text_encoder_dtype);
