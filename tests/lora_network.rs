@@ -537,13 +537,20 @@ fn export_for_python() {
         panic!("set SDLORA_LORA_OUT");
     };
     let out = Path::new(&out);
-    for (name, conv, prec) in [
-        ("tiny", false, None),
-        ("tiny_conv", true, None),
-        ("tiny_fp16", false, Some(Kind::Half)),
+    let args = |a: &[&str]| -> LoraOptions {
+        let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+        LoraOptions::from_args(Some("networks.lora"), None, None, None, &a, false, false).unwrap()
+    };
+    for (name, o, prec) in [
+        ("tiny", opts(false), None),
+        // same rank everywhere, different alphas (diffusers' alpha_pattern path)
+        ("tiny_conv", args(&["conv_dim=4", "conv_alpha=2"]), None),
+        // conv rank ≠ linear rank (sd-scripts' usual C3Lier setting)
+        ("tiny_conv_mixed", opts(true), None),
+        ("tiny_fp16", opts(false), Some(Kind::Half)),
     ] {
         tch::manual_seed(11);
-        let (_, _, net) = network("tiny", &opts(conv));
+        let (_, _, net) = network("tiny", &o);
         randomize_up(&net);
         let f = facts();
         let md = f.save_metadata(&f.start_metadata().unwrap(), 10, 1, 1_700_000_100.5);
@@ -557,6 +564,34 @@ fn export_for_python() {
     let f = facts();
     let md = f.save_metadata(&f.start_metadata().unwrap(), 10, 1, 1_700_000_100.5);
     net.save(&out.join("sd1.safetensors"), None, &md).unwrap();
+    // Python float repr check: values of every magnitude, the Python side compares str(x).
+    let mut floats = vec![
+        0.0,
+        1.0,
+        16.0,
+        1e-4,
+        1e-5,
+        2e-6,
+        1e16,
+        1.5e16,
+        1e-300,
+        0.3,
+        1_700_000_000.25,
+    ];
+    let r = Tensor::randn([200], (Kind::Double, tch::Device::Cpu));
+    for i in 0..200 {
+        let e = (i as f64 / 10.0) - 10.0;
+        floats.push(r.double_value(&[i]) * 10f64.powf(e));
+    }
+    let pairs: Vec<(u64, String)> = floats
+        .iter()
+        .map(|x| (x.to_bits(), sdlora::lora::metadata::py_float(*x)))
+        .collect();
+    std::fs::write(
+        out.join("floats.json"),
+        serde_json::to_string(&pairs).unwrap(),
+    )
+    .unwrap();
     std::fs::write(
         out.join("inspect.txt"),
         sdlora::lora::inspect::report(&LoraFile::load(&out.join("tiny_conv.safetensors")).unwrap()),

@@ -366,7 +366,7 @@ impl Adapter for LoraModule {
                     4 => mask = mask.unsqueeze(-1).unsqueeze(-1),
                     _ => {}
                 }
-                lx = lx * mask;
+                lx = &lx * &mask;
                 scale *= 1.0 / (1.0 - p);
             }
         }

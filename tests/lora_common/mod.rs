@@ -28,6 +28,7 @@ impl Skeleton {
         self.layers
             .push((path, c, Layer::Linear(Linear::new(w(&[out, inp]), None))));
     }
+    #[allow(clippy::too_many_arguments)]
     fn conv(&mut self, path: String, c: Container, inp: i64, out: i64, k: i64, s: i64, p: i64) {
         self.layers.push((
             path,
