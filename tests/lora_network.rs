@@ -564,6 +564,34 @@ fn export_for_python() {
     let f = facts();
     let md = f.save_metadata(&f.start_metadata().unwrap(), 10, 1, 1_700_000_100.5);
     net.save(&out.join("sd1.safetensors"), None, &md).unwrap();
+    // --scale_weight_norms: a network with large ups, before and after the regularization.
+    tch::manual_seed(13);
+    let (_, _, net) = network("tiny", &opts(true));
+    for m in net.all_modules() {
+        let (_, mut u) = m.parameters();
+        tch::no_grad(|| {
+            let r = Tensor::randn_like(&u) * 3.0;
+            u.copy_(&r);
+        });
+    }
+    net.save(
+        &out.join("maxnorm_before.safetensors"),
+        None,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (scaled, mean, max) = net.apply_max_norm_regularization(1.0);
+    net.save(
+        &out.join("maxnorm_after.safetensors"),
+        None,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("maxnorm.json"),
+        serde_json::to_string(&(scaled, mean, max)).unwrap(),
+    )
+    .unwrap();
     // Python float repr check: values of every magnitude, the Python side compares str(x).
     let mut floats = vec![
         0.0,

@@ -212,6 +212,24 @@ pub struct LoraNetwork {
     /// Applied UNet modules (empty with `--network_train_text_encoder_only`).
     pub unet_loras: Vec<Arc<LoraModule>>,
     pub opts: LoraOptions,
+    /// Modules created per side, applied or not (sd-scripts logs these counts).
+    pub created_text_encoder: usize,
+    pub created_unet: usize,
+    /// Built by `--dim_from_weights`.
+    pub from_weights: bool,
+}
+
+/// `--save_model_as`: sdlora writes safetensors only; ckpt/pt are refused before training starts.
+pub fn check_save_model_as(save_model_as: &str) -> Result<()> {
+    match save_model_as {
+        "safetensors" => Ok(()),
+        "ckpt" | "pt" => bail!(
+            "--save_model_as={save_model_as} is not supported: sdlora writes LoRA files as safetensors only \
+             (a {save_model_as} pickle carries no metadata or hashes and is not loadable without Python); \
+             use --save_model_as=safetensors"
+        ),
+        v => bail!("--save_model_as={v}: invalid choice (choose from ckpt, pt, safetensors)"),
+    }
 }
 
 /// Per-module rank and alpha taken from a file (`--dim_from_weights`).
@@ -327,6 +345,9 @@ impl LoraNetwork {
             }
         }
         Ok(LoraNetwork {
+            created_text_encoder: te_loras.len(),
+            created_unet: unet_loras.len(),
+            from_weights: from_weights.is_some(),
             text_encoder_loras: if opts.apply_text_encoder {
                 te_loras
             } else {
@@ -421,6 +442,110 @@ impl LoraNetwork {
             Some(e) => Err(e),
             None => Ok(loras),
         }
+    }
+
+    /// The lines sd-scripts logs while creating and applying the network (`LoRANetwork.__init__`,
+    /// `apply_to`), for the trainer's console output.
+    pub fn log_lines(&self) -> Vec<String> {
+        let o = &self.opts;
+        let py = |a: &Alpha| match a.kind {
+            Kind::Int64 => format!("{}", a.value as i64),
+            _ => super::metadata::py_float(a.value),
+        };
+        let p = |v: Option<f64>| {
+            v.map(super::metadata::py_float)
+                .unwrap_or_else(|| "None".into())
+        };
+        let mut l = vec![];
+        if self.from_weights {
+            l.push("create LoRA network from weights".to_string());
+        } else {
+            l.push(format!(
+                "create LoRA network. base dim (rank): {}, alpha: {}",
+                o.network_dim,
+                py(&o.network_alpha)
+            ));
+            l.push(format!(
+                "neuron dropout: p={}, rank dropout: p={}, module dropout: p={}",
+                p(o.dropout),
+                p(o.rank_dropout),
+                p(o.module_dropout)
+            ));
+            if let (Some(d), Some(a)) = (o.conv_dim, &o.conv_alpha) {
+                l.push(format!(
+                    "apply LoRA to Conv2d with kernel size (3,3). dim (rank): {d}, alpha: {}",
+                    py(a)
+                ));
+            }
+        }
+        l.push("create LoRA for Text Encoder:".into());
+        l.push(format!(
+            "create LoRA for Text Encoder: {} modules.",
+            self.created_text_encoder
+        ));
+        l.push(format!(
+            "create LoRA for U-Net: {} modules.",
+            self.created_unet
+        ));
+        if o.apply_text_encoder {
+            l.push(format!(
+                "enable LoRA for text encoder: {} modules",
+                self.text_encoder_loras.len()
+            ));
+        }
+        if o.apply_unet {
+            l.push(format!(
+                "enable LoRA for U-Net: {} modules",
+                self.unet_loras.len()
+            ));
+        }
+        l
+    }
+
+    /// `--scale_weight_norms`: sd-scripts' `apply_max_norm_regularization` — each module's
+    /// ‖up·down·alpha/rank‖ is clamped to `max_norm` by scaling up and down by √ratio. Returns
+    /// (modules scaled, mean norm, max norm) after scaling.
+    pub fn apply_max_norm_regularization(&self, max_norm: f64) -> (usize, f64, f64) {
+        let mut scaled = 0;
+        let mut norms = vec![];
+        tch::no_grad(|| {
+            for m in self.all_modules() {
+                let (mut down, mut up) = m.parameters();
+                let alpha = m.alpha();
+                // alpha / dim as a tensor division, as in sd-scripts (int64 alpha → float32).
+                let scale = alpha.true_divide_scalar(m.rank).to_kind(Kind::Float);
+                let (ds, us) = (down.size(), up.size());
+                let updown = if ds.len() == 4 && ds[2..] == [1, 1] && us[2..] == [1, 1] {
+                    up.squeeze_dim(3)
+                        .squeeze_dim(2)
+                        .matmul(&down.squeeze_dim(3).squeeze_dim(2))
+                        .unsqueeze(2)
+                        .unsqueeze(3)
+                } else if ds.len() == 4 {
+                    down.permute([1, 0, 2, 3])
+                        .conv2d::<&Tensor>(&up, None, [1, 1], [0, 0], [1, 1], 1)
+                        .permute([1, 0, 2, 3])
+                } else {
+                    up.matmul(&down)
+                };
+                let updown = updown * scale.to_device(down.device());
+                let norm = updown.norm().clamp_min(max_norm / 2.0);
+                let desired = norm.clamp_max(max_norm);
+                let ratio = (&desired / &norm).to_device(Device::Cpu);
+                let sqrt_ratio = ratio.pow_tensor_scalar(0.5);
+                if ratio.double_value(&[]) != 1.0 {
+                    scaled += 1;
+                    let s = sqrt_ratio.to_device(down.device());
+                    let _ = up.g_mul_(&s);
+                    let _ = down.g_mul_(&s);
+                }
+                let scalednorm = updown.norm().to_device(Device::Cpu) * &ratio;
+                norms.push(scalednorm.double_value(&[]));
+            }
+        });
+        let n = norms.len().max(1) as f64;
+        let max = norms.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (scaled, norms.iter().sum::<f64>() / n, max)
     }
 
     /// Text-encoder modules, then UNet modules (sd-scripts' registration order).

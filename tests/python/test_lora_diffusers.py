@@ -145,3 +145,84 @@ def test_metadata_values_are_python_strings(files):
         import struct
         x = struct.unpack("<d", struct.pack("<Q", bits))[0]
         assert str(x) == s, (x, s)
+
+
+def sd_scripts_max_norm(sd, max_norm):
+    """sd-scripts LoRANetwork.apply_max_norm_regularization, on a state dict (in place)."""
+    keys_scaled, norms = 0, []
+    for key in [k for k in sd if "lora_down" in k and "weight" in k]:
+        upk, ak = key.replace("lora_down", "lora_up"), key.replace("lora_down.weight", "alpha")
+        down, up, alpha = sd[key], sd[upk], sd[ak]
+        scale = alpha / down.shape[0]
+        if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+            updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+            updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        else:
+            updown = up @ down
+        updown *= scale
+        norm = updown.norm().clamp(min=max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired.cpu() / norm.cpu()
+        if ratio != 1:
+            keys_scaled += 1
+            sd[upk] *= ratio**0.5
+            sd[key] *= ratio**0.5
+        norms.append((updown.norm() * ratio).item())
+    return keys_scaled, sum(norms) / len(norms), max(norms)
+
+
+def test_max_norm_regularization_matches_sd_scripts(files):
+    sd = load_file(files / "maxnorm_before.safetensors")
+    # sd-scripts iterates its state_dict in module registration order; TE first, then UNet
+    order = [m["name"] for m in oracle.module_list(*oracle.build("tiny", "cpu"), 8, 2.0)]
+    sd = {f"{n}.{r}": sd[f"{n}.{r}"] for n in order for r in ("alpha", "lora_down.weight", "lora_up.weight")}
+    want = sd_scripts_max_norm(sd, 1.0)
+    got = json.loads((files / "maxnorm.json").read_text())
+    assert got[0] == want[0] and want[0] > 0
+    assert abs(got[1] - want[1]) <= 1e-6 * want[1] and abs(got[2] - want[2]) <= 1e-6 * want[2], (got, want)
+    after = load_file(files / "maxnorm_after.safetensors")
+    for k, v in sd.items():
+        torch.testing.assert_close(after[k], v, rtol=1e-6, atol=0, msg=k)
+
+
+def sdlora(*args):
+    exe = REPO / "target" / "release" / "sdlora"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_reads_other_trainers_files_and_rejects_non_loras(files, tmp_path):
+    from safetensors.torch import save_file
+
+    # A kohya-layout file as other trainers write it: fp16, no metadata, some modules without alpha.
+    torch.manual_seed(0)
+    sd = {}
+    for i, m in enumerate(oracle.module_list(*oracle.build("tiny", "cpu"), None, None)):
+        sd[m["name"] + ".lora_down.weight"] = torch.randn(m["down"]).half()
+        sd[m["name"] + ".lora_up.weight"] = torch.randn(m["up"]).half()
+        if i % 2 == 0:
+            sd[m["name"] + ".alpha"] = torch.tensor(2.0).half()
+    p = tmp_path / "other.safetensors"
+    save_file(sd, p)
+    r = sdlora("inspect", str(p))
+    assert r.returncode == 0, r.stderr
+    assert "UNet 132, text encoder 30" in r.stdout, r.stdout
+    assert "none (= rank)" in r.stdout and "alpha F16" in r.stdout and "(none)" in r.stdout
+
+    r = sdlora("inspect", str(files / "tiny_conv.safetensors"))
+    assert r.returncode == 0 and "ss_network_args" in r.stdout and "modelspec.architecture" in r.stdout
+    assert "sshs_model_hash" in r.stdout
+
+    bad = {
+        "loha.safetensors": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
+        "lokr.safetensors": ({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "LoKr"),
+        "dora.safetensors": ({"lora_unet_x.dora_scale": torch.zeros(1, 2),
+                              "lora_unet_x.lora_down.weight": torch.zeros(1, 2),
+                              "lora_unet_x.lora_up.weight": torch.zeros(2, 1)}, "DoRA"),
+        "ckpt.safetensors": ({"model.diffusion_model.out.2.weight": torch.zeros(2)}, "not a kohya-layout LoRA"),
+        "peft.safetensors": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 2)}, "diffusers/PEFT"),
+    }
+    for name, (tensors, word) in bad.items():
+        save_file(tensors, tmp_path / name)
+        r = sdlora("inspect", str(tmp_path / name))
+        assert r.returncode != 0 and word in r.stderr, (name, r.stderr)
