@@ -1,4 +1,6 @@
 //! `sdlora train`: the train_network run.
+pub mod optim;
+
 use anyhow::Result;
 
 /// Entry point for `sdlora train <sd-scripts flags>`.

@@ -1,0 +1,2 @@
+//! Optimizers of `sdlora train` (`--optimizer_type`).
+pub mod adamw8bit;
