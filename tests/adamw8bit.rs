@@ -112,54 +112,55 @@ fn run_case(
     p_bit_exact: bool,
     report: &mut Vec<String>,
 ) {
-    let p = leaf(p0);
-    let mut opt = AdamW8bit::from_tensors(vec![p.shallow_clone()], cfg).unwrap();
-    for (t, &lr) in lrs.iter().enumerate() {
-        opt.set_lr(0, lr);
-        set_grad(&p, &grads.get(t as i64));
-        opt.step().unwrap();
-        let st: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-        let step = t + 1;
-        let want_p = expect(step, "p").unwrap();
-        let rel = max_rel(&p.detach(), &want_p);
-        assert!(
-            rel <= 1e-6,
-            "{name} step {step}: parameter max relative error {rel:e} > 1e-6"
-        );
-        let ulps = p
-            .detach()
-            .ne_tensor(&want_p)
-            .sum(Kind::Int64)
-            .int64_value(&[]);
-        if p_bit_exact {
-            assert_bits_eq(&p.detach(), &want_p, &format!("{name} step {step} p"));
-        }
-        for f in ["state1", "state2", "absmax1", "absmax2"] {
-            match expect(step, f) {
-                Some(w) => assert_bits_eq(
-                    get(&st, &format!("state.0.{f}")),
-                    &w,
-                    &format!("{name} step {step} {f}"),
-                ),
-                None => assert!(
-                    !st.contains_key(&format!("state.0.{f}")),
-                    "{name}: unexpected {f}"
-                ),
+    // CPU fast paths and the general path (the one CUDA runs) on the same data
+    for general in [false, true] {
+        let name = &format!("{name}{}", if general { " (general path)" } else { "" });
+        let p = leaf(p0);
+        let mut opt = AdamW8bit::from_tensors(vec![p.shallow_clone()], cfg.clone()).unwrap();
+        opt.force_general_path(general);
+        for (t, &lr) in lrs.iter().enumerate() {
+            opt.set_lr(0, lr);
+            set_grad(&p, &grads.get(t as i64));
+            opt.step().unwrap();
+            let st: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+            let step = t + 1;
+            let want_p = expect(step, "p").unwrap();
+            let rel = max_rel(&p.detach(), &want_p);
+            assert!(
+                rel <= 1e-6,
+                "{name} step {step}: parameter max relative error {rel:e} > 1e-6"
+            );
+            let ulps = p
+                .detach()
+                .ne_tensor(&want_p)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            if p_bit_exact {
+                assert_bits_eq(&p.detach(), &want_p, &format!("{name} step {step} p"));
             }
-        }
-        assert_eq!(get(&st, "state.0.step").int64_value(&[0]), step as i64);
-        report.push(format!(
-            "{name} step {step}: p max rel err {rel:.3e}, {ulps} of {} elements differ; \
+            for f in ["state1", "state2", "absmax1", "absmax2"] {
+                match expect(step, f) {
+                    Some(w) => assert_bits_eq(
+                        get(&st, &format!("state.0.{f}")),
+                        &w,
+                        &format!("{name} step {step} {f}"),
+                    ),
+                    None => assert!(
+                        !st.contains_key(&format!("state.0.{f}")),
+                        "{name}: unexpected {f}"
+                    ),
+                }
+            }
+            assert_eq!(get(&st, "state.0.step").int64_value(&[0]), step as i64);
+            report.push(format!(
+                "{name} step {step}: p max rel err {rel:.3e}, {ulps} of {} elements differ; \
              codes and absmax bit-exact",
-            p.numel()
-        ));
+                p.numel()
+            ));
+        }
     }
 }
 
-/// The stored vectors were made with torch 2.13 (spec appendix B); re-running the same reference
-/// under this project's torch 2.11 moves 3-5 of 5000 parameters by one ulp (codes and absmax stay
-/// identical), so p is held to the issue's 1e-6 relative here and to bit-equality against the
-/// local re-run in `matches_reference_on_edge_cases` (case `file_*`).
 #[test]
 fn matches_reference_vectors() {
     let r = load(&shared_ref().join("adamw8bit_ref.safetensors"));
@@ -213,7 +214,7 @@ fn matches_reference_on_edge_cases() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut cases: Vec<&str> = r.keys().filter_map(|k| k.strip_suffix(".p0")).collect();
     cases.sort();
-    assert!(cases.len() >= 12, "cases: {cases:?}");
+    assert!(cases.len() >= 13, "cases: {cases:?}");
     let mut report = Vec::new();
     for name in cases {
         let hp = Vec::<f64>::try_from(get(&r, &format!("{name}.hp"))).unwrap();

@@ -372,11 +372,25 @@ struct CodeSearch {
 }
 
 impl CodeSearch {
-    fn new(bounds: &[f32], device: Device) -> CodeSearch {
+    /// `sign_fix`: fold state1's sign fix into the table, valid for NaN-free x whose sign equals
+    /// m's (absmax > 0). Then the only correction is a value with the sign bit set (negative or
+    /// -0.0) that rounded to +0.0 (code 127) and must store 126; non-negative x never lands below
+    /// 127. Negative buckets are capped at 126, and boundary 126 (only negative buckets read it)
+    /// becomes +inf so the comparison can no longer step to 127.
+    fn new(bounds: &[f32], device: Device, sign_fix: bool) -> CodeSearch {
         for shift in (8..=20).rev() {
-            if let Some(lut) = Self::table(bounds, shift) {
+            if let Some(mut lut) = Self::table(bounds, shift) {
                 let mut ext = bounds.to_vec();
                 ext.push(f32::INFINITY);
+                if sign_fix {
+                    let offset = 1i64 << (31 - shift);
+                    let fixed = (SIGNED_ZERO_CODE - 1) as i32;
+                    // Buckets below `offset` hold the floats with the sign bit set.
+                    for e in &mut lut[..offset as usize] {
+                        *e = (*e).min(fixed);
+                    }
+                    ext[fixed as usize] = f32::INFINITY;
+                }
                 return CodeSearch {
                     lut: Tensor::from_slice(&lut).to_device(device),
                     bounds: Tensor::from_slice(&ext).to_device(device),
@@ -439,6 +453,7 @@ pub struct CodeMaps {
     pub signed: Tensor,
     pub unsigned: Tensor,
     search_signed: CodeSearch,
+    search_signed_fix: CodeSearch,
     search_unsigned: CodeSearch,
 }
 
@@ -447,18 +462,16 @@ impl CodeMaps {
         let mk = |signed: bool| {
             let code = dynamic_map(signed);
             let v: Vec<f32> = Vec::<f32>::try_from(&code).expect("f32 code book");
-            (
-                code.to_device(device),
-                CodeSearch::new(&decision_bounds(&v), device),
-            )
+            (code.to_device(device), decision_bounds(&v))
         };
-        let (signed, search_signed) = mk(true);
-        let (unsigned, search_unsigned) = mk(false);
+        let (signed, bounds_signed) = mk(true);
+        let (unsigned, bounds_unsigned) = mk(false);
         CodeMaps {
             signed,
             unsigned,
-            search_signed,
-            search_unsigned,
+            search_signed: CodeSearch::new(&bounds_signed, device, false),
+            search_signed_fix: CodeSearch::new(&bounds_signed, device, true),
+            search_unsigned: CodeSearch::new(&bounds_unsigned, device, false),
         }
     }
 
@@ -617,6 +630,7 @@ pub struct AdamW8bit {
     groups: Vec<Group>,
     maps: Vec<(Device, CodeMaps)>,
     step_count: i64,
+    general_path: bool,
 }
 
 fn is_float(kind: Kind) -> bool {
@@ -667,6 +681,7 @@ impl AdamW8bit {
             groups: out,
             maps: Vec::new(),
             step_count: 0,
+            general_path: false,
         })
     }
 
@@ -706,6 +721,13 @@ impl AdamW8bit {
     /// Sets a group's learning rate; read at every step, weight decay included (spec §3).
     pub fn set_lr(&mut self, group: usize, lr: f64) {
         self.groups[group].lr = lr;
+    }
+
+    /// Always take the path that handles NaN/Inf and all-zero blocks (the one CUDA runs), even
+    /// where the CPU fast paths apply; for tests that must cover both on the same data.
+    #[doc(hidden)]
+    pub fn force_general_path(&mut self, yes: bool) {
+        self.general_path = yes;
     }
 
     /// Number of `step()` calls done (restored by `load_state_tensors`).
@@ -789,6 +811,7 @@ impl AdamW8bit {
                 let mi = self.maps_index(device);
                 let maps = &self.maps[mi].1;
                 let cfg = &self.cfg;
+                let general = self.general_path;
                 let slot = &mut self.groups[gi].slots[si];
                 let st = slot.state.as_mut().expect("state initialised above");
                 st.step += 1;
@@ -807,6 +830,7 @@ impl AdamW8bit {
                         [absmax1, absmax2],
                         maps,
                         &sc,
+                        general,
                     ),
                 }
             }
@@ -1017,27 +1041,29 @@ fn update_8bit(
     [absmax1, absmax2]: [&mut Tensor; 2],
     maps: &CodeMaps,
     sc: &Scalars,
+    general: bool,
 ) {
     let kind = param.kind();
     let n = param.numel() as i64;
     let nb = absmax1.numel() as i64;
     let pad = nb * BLOCK - n;
-    let on_cpu = param.device() == Device::Cpu;
+    // On the CPU, cheap whole-tensor checks pick fast paths for the common case (all gradients
+    // finite, every block max finite and positive); on CUDA such a check is a device sync, so
+    // the general path, which handles every case, always runs there.
+    let checks = param.device() == Device::Cpu && !general;
 
     let mut g = grad.reshape([-1]).to_kind(Kind::Float);
     if pad > 0 {
         g = g.constant_pad_nd([0, pad]);
     }
     let g = g.view([nb, BLOCK]);
-    // Step 2: a NaN/Inf gradient resets that element's m and v and leaves p alone. On the CPU a
-    // cheap check skips the masking when every gradient is finite; on CUDA it would cost a sync.
-    let valid = g.isfinite();
-    let all_finite = on_cpu && valid.all().int64_value(&[]) != 0;
-    let masked = !all_finite;
-    let g0 = if masked {
-        g.where_scalarother(&valid, 0.0)
-    } else {
-        g
+    // Step 2: a NaN/Inf gradient resets that element's m and v and leaves p alone. A finite sum
+    // proves every gradient finite (an overflowing sum only sends us to the masked path).
+    let masked = !checks || !g.sum(Kind::Float).double_value(&[]).is_finite();
+    let valid = masked.then(|| g.isfinite());
+    let g0 = match &valid {
+        Some(valid) => g.where_scalarother(valid, 0.0),
+        None => g,
     };
 
     // Dequantize with the old absmax (one f32 multiply), then the EMAs in the kernel's op order.
@@ -1060,22 +1086,34 @@ fn update_8bit(
     let _ = m.g_add_(&t);
     drop(t);
     drop(g0);
-    if masked {
+    if let Some(valid) = &valid {
         let invalid = valid.logical_not();
         let _ = m.masked_fill_(&invalid, 0.0);
         let _ = v.masked_fill_(&invalid, 0.0);
     }
 
-    // Step 7 (reduction): new absmax = fmaxf-reduction of |x|, which ignores NaN.
+    // Step 7 (reduction): new absmax = fmaxf-reduction of |x|, which ignores NaN. Also says
+    // whether x = state / absmax is certainly NaN-free (absmax finite and > 0 in every block and
+    // no NaN in the state; amax propagates NaN, so a NaN-free result proves the latter).
     let block_absmax = |x: &Tensor| {
-        let mut a = x.abs();
-        if !on_cpu || a.isnan().any().int64_value(&[]) != 0 {
-            let _ = a.nan_to_num_(-f64::from(f32::MAX), f64::INFINITY, f64::NEG_INFINITY);
+        let fmax = || {
+            x.abs()
+                .nan_to_num_(-f64::from(f32::MAX), f64::INFINITY, f64::NEG_INFINITY)
+                .amax([1i64].as_slice(), false)
+        };
+        if !checks {
+            return (fmax(), false);
         }
-        a.amax([1i64].as_slice(), false)
+        let a = x.abs().amax([1i64].as_slice(), false);
+        let min = a.min().double_value(&[]);
+        let max = a.max().double_value(&[]);
+        if max.is_nan() {
+            return (fmax(), false);
+        }
+        (a, min > 0.0 && max.is_finite())
     };
-    let new_abs1 = block_absmax(&m);
-    let new_abs2 = block_absmax(&v);
+    let (new_abs1, clean1) = block_absmax(&m);
+    let (new_abs2, clean2) = block_absmax(&v);
 
     // Steps 5-6: p' = T(p + step_size * (m / (sqrt(v) + c2eps))), then T(p' * decay).
     let mut upd = v.sqrt();
@@ -1084,7 +1122,7 @@ fn update_8bit(
     let _ = upd.g_mul_scalar_(sc.step_size);
     let upd = upd.view([-1]).narrow(0, 0, n);
     let contiguous_f32 = kind == Kind::Float && param.is_contiguous();
-    if contiguous_f32 && !masked {
+    if contiguous_f32 && valid.is_none() {
         let mut pf = param.view([-1]);
         let _ = pf.g_add_(&upd);
         if sc.decay_on {
@@ -1096,7 +1134,7 @@ fn update_8bit(
         if sc.decay_on {
             new = (new.to_kind(Kind::Float) * sc.decay).to_kind(kind);
         }
-        if masked {
+        if let Some(valid) = &valid {
             let valid_n = valid.view([-1]).narrow(0, 0, n);
             new = new.where_self(&valid_n, &pf.to_kind(kind));
         }
@@ -1105,17 +1143,23 @@ fn update_8bit(
     drop(upd);
 
     // Step 7 (quantize): x = m / absmax_new, nearest code; state1 gets the sign fix.
-    let m_neg = m.signbit();
-    let m_pos = m.gt(0.0);
-    let _ = m.g_div_(&new_abs1.unsqueeze(1));
-    let mut q1 = nearest_code_(m, maps, true);
-    // If the code's sign differs from m's, move one index towards m's sign: a tiny negative m
-    // rounded to +0.0 (127) becomes 126 (-5.5e-7); a +0.0 m in an all-zero block (NaN -> 0)
-    // becomes 0 - 1 = 255 by uint8 wrap-around (spec §2.1, sign fix).
-    let fix = q1.lt(SIGNED_ZERO_CODE).logical_xor(&m_neg);
-    let mut delta = m_pos.to_kind(Kind::Int8);
-    let _ = delta.g_mul_scalar_(2).g_sub_scalar_(1).g_mul_(&fix);
-    let _ = q1.g_add_(&delta);
+    let q1 = if clean1 {
+        let _ = m.g_div_(&new_abs1.unsqueeze(1));
+        maps.search_signed_fix.search(&m)
+    } else {
+        let m_neg = m.signbit();
+        let m_pos = m.gt(0.0);
+        let _ = m.g_div_(&new_abs1.unsqueeze(1));
+        let mut q1 = nearest_code_(m, maps, true);
+        // If the code's sign differs from m's, move one index towards m's sign: a tiny negative
+        // m rounded to +0.0 (127) becomes 126 (-5.5e-7); a +0.0 m in an all-zero block
+        // (NaN -> 0) becomes 0 - 1 = 255 by uint8 wrap-around (spec §2.1, sign fix).
+        let fix = q1.lt(SIGNED_ZERO_CODE).logical_xor(&m_neg);
+        let mut delta = m_pos.to_kind(Kind::Int8);
+        let _ = delta.g_mul_scalar_(2).g_sub_scalar_(1).g_mul_(&fix);
+        let _ = q1.g_add_(&delta);
+        q1
+    };
     // int32 -> uint8 is a modular conversion, so -1 stores as 255.
     state1.copy_(&q1.view([-1]));
     drop(q1);
@@ -1124,7 +1168,11 @@ fn update_8bit(
         let _ = state1.narrow(0, n, pad).fill_(SIGNED_PAD_CODE);
     }
     let _ = v.g_div_(&new_abs2.unsqueeze(1));
-    let q2 = nearest_code_(v, maps, false);
+    let q2 = if clean2 {
+        maps.search_unsigned.search(&v)
+    } else {
+        nearest_code_(v, maps, false)
+    };
     state2.copy_(&q2.view([-1]));
     // Padded v lanes are 0 (or NaN for an all-zero block), both choose code 0: nothing to restore.
     absmax1.copy_(&new_abs1);
