@@ -6,3 +6,5 @@ pub mod common;
 pub mod lion;
 pub mod optimizer_args;
 pub mod sgd;
+//! Optimizers of `sdlora train` (`--optimizer_type`).
+pub mod adamw8bit;
