@@ -137,6 +137,17 @@ def main():
             ref["last_hidden" + tag] = out.last_hidden_state
             ref["skip2" + tag] = te.text_model.final_layer_norm(out.hidden_states[-2])
 
+    # reduced precision (tiny only): the same model cast to fp16 / bf16, as with --mixed_precision
+    if args.config == "tiny":
+        for dt, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            te_lp = CLIPTextModel(cfg).eval()
+            te_lp.load_state_dict(te.state_dict())
+            te_lp = te_lp.to(dt)
+            with torch.no_grad():
+                out = te_lp(ids1, output_hidden_states=True)
+                ref["last_hidden_" + name] = out.last_hidden_state.float()
+                ref["skip2_" + name] = te_lp.text_model.final_layer_norm(out.hidden_states[-2]).float()
+
     # gradients of a fixed random projection of the output w.r.t. the LoRA-targeted weights
     # (tiny only: the full-size cases check the forward pass, and this keeps their memory down)
     r = torch.randn(ref["last_hidden"].shape, generator=torch.Generator().manual_seed(args.seed + 1))

@@ -163,6 +163,53 @@ fn tiny_eager_backend_matches_transformers() {
     assert!(e <= 1e-4, "Math backend max abs err {e}");
 }
 
+/// fp16 / bf16 weights (as with `--mixed_precision`) against transformers run in the same dtype.
+#[test]
+fn tiny_reduced_precision_matches_transformers() {
+    let _guard = tch::no_grad_guard();
+    let dir = tiny_dir();
+    let r = read(&dir.join("ref.safetensors"));
+    let path = dir.join("weights.safetensors");
+    for (kind, name, tol) in [(Kind::Half, "fp16", 2e-3), (Kind::BFloat16, "bf16", 1.6e-2)] {
+        let mut w = WeightMap::new(path.display().to_string(), Device::Cpu, kind);
+        for (k, t) in read(&path) {
+            w.insert(k, t);
+        }
+        let te = ClipTextModel::load(&mut w, &ClipTextConfig::tiny()).unwrap();
+        let last = te.forward(&r["input_ids"], None);
+        assert_eq!(last.kind(), kind);
+        let e1 = max_abs(
+            &last.to_kind(Kind::Float),
+            &r[&format!("last_hidden_{name}")],
+        );
+        let e2 = max_abs(
+            &te.forward(&r["input_ids"], Some(2)).to_kind(Kind::Float),
+            &r[&format!("skip2_{name}")],
+        );
+        let vs32 = max_abs(&last.to_kind(Kind::Float), &r["last_hidden"]);
+        println!("{name}: last_hidden max abs err {e1:.3e}, clip_skip=2 {e2:.3e} (vs fp32 reference {vs32:.3e})");
+        assert!(e1 <= tol && e2 <= tol, "{name}: {e1} {e2}");
+    }
+}
+
+#[test]
+fn config_json_errors_are_clear() {
+    let bad = serde_json::json!({"hidden_act": "relu"});
+    let msg = format!(
+        "{:#}",
+        ClipTextConfig::from_diffusers_json(&bad).unwrap_err()
+    );
+    assert!(msg.contains("hidden_act") && msg.contains("relu"), "{msg}");
+    let bad = serde_json::json!({"hidden_size": 30, "num_attention_heads": 4});
+    assert!(ClipTextConfig::from_diffusers_json(&bad).is_err());
+    let bad = serde_json::json!({"hidden_size": "768"});
+    let msg = format!(
+        "{:#}",
+        ClipTextConfig::from_diffusers_json(&bad).unwrap_err()
+    );
+    assert!(msg.contains("hidden_size"), "{msg}");
+}
+
 /// Per-layer recomputation (the Tape) gives the gradients of plain autograd, through the
 /// long-prompt path and clip_skip.
 #[test]
