@@ -15,7 +15,11 @@ affine terms and biases are exercised) and writes into OUT_DIR:
                      splicing rules re-written below.
 * meta.json          captions and the list of long-prompt cases
 
-Usage: make_clip_fixtures.py OUT_DIR [--config tiny|sd1|sd2] [--seed N]
+Usage: make_clip_fixtures.py OUT_DIR [--config tiny|sd1|sd2] [--seed N] [--check-sdscripts DIR]
+
+--check-sdscripts DIR: also import sd-scripts' own SdTokenizeStrategy / SdTextEncodingStrategy
+from a checkout (DIR, plus its dependencies on PYTHONPATH) and assert that the re-written rules
+below give identical windows and states (no sd-scripts code is copied here).
 """
 import argparse
 import json
@@ -98,11 +102,35 @@ def sdscripts_encode(tokenizer, te, tokens, clip_skip):
     return torch.cat(parts, dim=1)
 
 
+def check_against_sdscripts(sd_dir, te, tok1, tok2, caps):
+    sys.path.insert(0, sd_dir)
+    from library.strategy_sd import SdTextEncodingStrategy, SdTokenizeStrategy
+
+    n = 0
+    for tok in (tok1, tok2):
+        for mtl in (None, 75, 150, 225):
+            # bypass __init__, which would load the tokenizer from the hub
+            st = object.__new__(SdTokenizeStrategy)
+            st.tokenizer = tok
+            st.max_length = tok.model_max_length if mtl is None else mtl + 2
+            real = st.tokenize(caps)[0]
+            mine = torch.stack([sdscripts_input_ids(tok, c, st.max_length) for c in caps])
+            assert torch.equal(real, mine), f"token windows differ from sd-scripts (max_token_length {mtl})"
+            for skip in (None, 1, 2):
+                with torch.no_grad():
+                    a = SdTextEncodingStrategy(skip).encode_tokens(st, [te], [real.clone()])[0]
+                    b = sdscripts_encode(tok, te, real.clone(), skip)
+                assert torch.equal(a, b), f"states differ from sd-scripts (max_token_length {mtl}, clip_skip {skip})"
+                n += 1
+    print(f"sd-scripts strategies agree with the re-written rules: {n} combinations, {len(caps)} captions")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
     ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check-sdscripts", metavar="DIR", help="sd-scripts checkout to cross-check the splicing rules")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -172,6 +200,8 @@ def main():
                 for skip in (None, 2):
                     ref[f"{key}.skip{skip or 0}"] = sdscripts_encode(tok, te, toks.clone(), skip)
                 cases.append({"key": key, "max_token_length": mtl, "v2": ver == "sd2"})
+    if args.check_sdscripts:
+        check_against_sdscripts(args.check_sdscripts, te, tok1, tok2, caps + CAPTIONS)
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(args.out_dir, "ref.safetensors"))
     meta = {"config": args.config, "seed": args.seed, "captions": CAPTIONS, "long_captions": caps, "long_cases": cases}
     with open(os.path.join(args.out_dir, "meta.json"), "w", encoding="utf-8") as f:
