@@ -214,6 +214,9 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
     Ok(res)
 }
 
+/// Token windows (n × 77 ids) and their weights (n × 77).
+pub type WeightedWindows = (Vec<Vec<i64>>, Vec<Vec<f32>>);
+
 /// `--weighted_captions`: the (n, 77) windows of one caption and their per-token weights (1 for
 /// BOS/EOS/pad), as sd-scripts' `_get_input_ids(..., weighted=True)`. Each parsed segment is
 /// tokenized on its own (so ftfy and the pre-tokenizer see it alone), the ids are truncated to
@@ -222,7 +225,7 @@ pub fn caption_windows_weighted(
     tok: &ClipTokenizer,
     caption: &str,
     max_token_length: Option<usize>,
-) -> Result<(Vec<Vec<i64>>, Vec<Vec<f32>>)> {
+) -> Result<WeightedWindows> {
     let l = tokenized_length(max_token_length)?;
     let body = l - 2;
     let pad = tok.pad_token();
