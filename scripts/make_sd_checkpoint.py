@@ -7,6 +7,8 @@
   DIR/model.ckpt         (with --ckpt) the same state dict as a torch pickle
 
 Configs: `tiny` (matches sdlora's UNetConfig::tiny(), ClipTextConfig::tiny(), VaeConfig::tiny()),
+`tiny-v2` (the same sizes in the SD2 layout: Linear projections, upcast_attention, GELU text
+encoder written as an OpenCLIP tower),
 `sd15` (SD1.5 shapes) and `sd21` (SD2.1-768 shapes: linear projections, upcast_attention,
 23-layer GELU OpenCLIP text tower of width 1024).
 
@@ -16,7 +18,7 @@ diffusers' own single-file converters and comparing every tensor with the Diffus
 
 Usage:
   python scripts/make_sd_checkpoint.py --config tiny --seed 0 --out DIR [--fp16] [--ema] [--ckpt]
-      [--old-clip-keys] [--verify]
+      [--old-clip-keys] [--no-diffusers] [--verify] [--test-variants]
 Full-size configs need several GB of RAM: run them under `flock /tmp/sdlora-bigmem.lock`.
 """
 import argparse
@@ -102,6 +104,9 @@ CONFIGS = {
         ),
     ),
     "sd15": dict(version=1, unet=SD1_UNET, clip=SD1_CLIP, vae=SD_VAE),
+    # tiny with the SD2 layout: Linear projections, upcast_attention, GELU text encoder stored as an
+    # OpenCLIP tower in the single file (for fast tests of the SD2 code paths).
+    "tiny-v2": None,
     "sd21": dict(
         version=2,
         unet=dict(
@@ -128,6 +133,14 @@ CONFIGS = {
         vae=dict(SD_VAE, sample_size=768),
     ),
 }
+
+
+CONFIGS["tiny-v2"] = dict(
+    version=2,
+    unet=dict(CONFIGS["tiny"]["unet"], use_linear_projection=True, upcast_attention=True),
+    clip=dict(CONFIGS["tiny"]["clip"], hidden_act="gelu"),
+    vae=CONFIGS["tiny"]["vae"],
+)
 
 
 def randomize_(model, gen):
@@ -414,6 +427,42 @@ def verify(sd, cfg, unet, text_encoder, vae):
     compare("text_encoder", got, want_te)
 
 
+def emit(out, cfg, models, seed, fp16, ema, ckpt, old_clip_keys, diffusers_folder, verify_ldm, label):
+    """Writes one checkpoint (both forms) of `models` into `out`. fp16 converts the models in
+    place (irreversibly), so fp32 outputs must be emitted first."""
+    unet, text_encoder, vae = models
+    os.makedirs(out, exist_ok=True)
+    if fp16:
+        # Convert before building the LDM dict, which shares the parameters' storage: one fp16
+        # copy of the model in memory instead of fp32 + fp16.
+        for m in models:
+            m.half()
+    gen = torch.Generator().manual_seed(seed + 3)
+    sd = ldm_state_dict(unet, text_encoder, vae, cfg, ema, old_clip_keys, gen)
+    if verify_ldm:
+        verify(sd, cfg, unet, text_encoder, vae)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+
+    meta = {"format": "pt", "sdlora.generator": f"make_sd_checkpoint.py {label}"}
+    r_unet, r_clip = rule_heads(cfg)
+    if unet_heads(cfg["unet"]) != r_unet:
+        meta[META_UNET_HEADS] = ",".join(str(h) for h in unet_heads(cfg["unet"]))
+    if cfg["clip"]["num_attention_heads"] != r_clip:
+        meta[META_CLIP_HEADS] = str(cfg["clip"]["num_attention_heads"])
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(out, "model.safetensors")
+    save_file(sd, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+    if ckpt:
+        torch.save({"state_dict": sd, "global_step": 0}, os.path.join(out, "model.ckpt"))
+    del sd
+    if diffusers_folder:
+        write_diffusers(os.path.join(out, "diffusers"), unet, text_encoder, vae, fp16)
+    print(f"wrote {path}" + (f" and {os.path.join(out, 'diffusers')}" if diffusers_folder else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), required=True)
@@ -429,43 +478,30 @@ def main():
     )
     ap.add_argument("--no-diffusers", action="store_true", help="skip the Diffusers folder")
     ap.add_argument("--verify", action="store_true", help="round-trip through diffusers' converters")
+    ap.add_argument(
+        "--test-variants",
+        action="store_true",
+        help="also write, from the same weights, DIR/old_clip_keys/model.safetensors (SD1 only) and "
+        "DIR/fp16_ema/{model.safetensors,diffusers} (one process instead of three, for tests)",
+    )
     args = ap.parse_args()
 
     cfg = CONFIGS[args.config]
     if args.old_clip_keys and cfg["version"] != 1:
         sys.exit("--old-clip-keys applies to SD1 configs only")
-    os.makedirs(args.out, exist_ok=True)
+    if args.test_variants and args.fp16:
+        sys.exit("--test-variants needs an fp32 base (the fp16 variant is derived from it)")
     torch.set_grad_enabled(False)
-    unet, text_encoder, vae = build_models(cfg, args.seed)
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    sd = ldm_state_dict(unet, text_encoder, vae, cfg, args.ema, args.old_clip_keys, gen)
-    if args.verify:
-        verify(sd, cfg, unet, text_encoder, vae)
-    if args.fp16:
-        sd = {
-            k: (v.half() if v.is_floating_point() and not k.startswith(("betas", "alphas", "sqrt_")) else v)
-            for k, v in sd.items()
-        }
-    sd = {k: v.contiguous() for k, v in sd.items()}
-
-    meta = {"format": "pt", "sdlora.generator": f"make_sd_checkpoint.py --config {args.config} --seed {args.seed}"}
-    r_unet, r_clip = rule_heads(cfg)
-    if unet_heads(cfg["unet"]) != r_unet:
-        meta[META_UNET_HEADS] = ",".join(str(h) for h in unet_heads(cfg["unet"]))
-    if cfg["clip"]["num_attention_heads"] != r_clip:
-        meta[META_CLIP_HEADS] = str(cfg["clip"]["num_attention_heads"])
-
-    from safetensors.torch import save_file
-
-    path = os.path.join(args.out, "model.safetensors")
-    save_file(sd, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
-    if args.ckpt:
-        torch.save({"state_dict": sd, "global_step": 0}, os.path.join(args.out, "model.ckpt"))
-    del sd
-    if not args.no_diffusers:
-        write_diffusers(os.path.join(args.out, "diffusers"), unet, text_encoder, vae, args.fp16)
-    print(f"wrote {path}" + ("" if args.no_diffusers else f" and {os.path.join(args.out, 'diffusers')}"))
+    models = build_models(cfg, args.seed)
+    label = f"--config {args.config} --seed {args.seed}"
+    emit(args.out, cfg, models, args.seed, args.fp16, args.ema, args.ckpt, args.old_clip_keys,
+         not args.no_diffusers, args.verify, label)
+    if args.test_variants:
+        if cfg["version"] == 1:
+            emit(os.path.join(args.out, "old_clip_keys"), cfg, models, args.seed, False, False, False,
+                 True, False, False, label + " --old-clip-keys")
+        emit(os.path.join(args.out, "fp16_ema"), cfg, models, args.seed, True, True, False, False,
+             True, False, label + " --fp16 --ema")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 //! back-propagated before the segments that produced it are recomputed.
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 type SegmentFn<'a> = Box<dyn Fn(&[Tensor]) -> Tensor + 'a>;
 
@@ -48,8 +48,17 @@ fn grad_enabled() -> bool {
     }
 }
 
-fn autocast_enabled() -> bool {
-    unsafe { torch_sys::at_autocast_is_enabled() != 0 }
+/// Whether CUDA autocast is active for work on `device`. Probed with a 1×1 matmul rather than
+/// `at::autocast::is_enabled`, which libtorch 2.x warns about on every call; CPU work is never
+/// autocast by tch.
+fn autocast_enabled(device: Device) -> bool {
+    if !device.is_cuda() {
+        return false;
+    }
+    tch::no_grad(|| {
+        let a = Tensor::ones([1, 1], (Kind::Float, device));
+        a.matmul(&a).kind() != Kind::Float
+    })
 }
 
 fn last_torch_error() -> Option<String> {
@@ -105,10 +114,11 @@ impl<'a> Tape<'a> {
         }
         let out = tch::no_grad(|| f(&owned));
         let output = out.detach().set_requires_grad(true);
+        let autocast = autocast_enabled(out.device());
         self.entries.borrow_mut().push(Entry::Segment {
             inputs: owned,
             output: output.shallow_clone(),
-            autocast: autocast_enabled(),
+            autocast,
             f: Box::new(f),
         });
         output
@@ -206,7 +216,6 @@ pub fn alias(tape: Option<&Tape<'_>>, t: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         let d = (a - b).abs().max().double_value(&[]);
