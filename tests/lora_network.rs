@@ -546,6 +546,35 @@ fn export_for_python() {
         serde_json::to_string(&(scaled, mean, max)).unwrap(),
     )
     .unwrap();
+    // Dropout RNG: one Linear module in training mode, 4 forwards after manual_seed(21).
+    let o = LoraOptions::from_args(
+        Some("networks.lora"),
+        None,
+        None,
+        Some(0.1),
+        &["rank_dropout=0.25".into(), "module_dropout=0.3".into()],
+        false,
+        false,
+    )
+    .unwrap();
+    let (_, _, net) = network("tiny", &o);
+    randomize_up(&net);
+    let m = &net.unet_loras[1];
+    let x = Tensor::randn([2, 5, m.in_dim], (Kind::Float, tch::Device::Cpu));
+    let (d, u) = m.parameters();
+    let mut t: Vec<(String, Tensor)> = vec![
+        ("x".into(), x.shallow_clone()),
+        ("down".into(), d.detach()),
+        ("up".into(), u.detach()),
+        ("scale".into(), Tensor::from(m.scale)),
+    ];
+    tch::manual_seed(21);
+    use sdlora::models::layers::Adapter;
+    for i in 0..4 {
+        t.push((format!("out{i}"), tch::no_grad(|| m.delta(&x))));
+    }
+    let buf = sdlora::lora::file::serialize(&t, &BTreeMap::new()).unwrap();
+    std::fs::write(out.join("dropout.safetensors"), buf).unwrap();
     // Python float repr check: values of every magnitude, the Python side compares str(x).
     let mut floats = vec![
         0.0,
@@ -579,4 +608,43 @@ fn export_for_python() {
         sdlora::lora::inspect::report(&LoraFile::load(&out.join("tiny_conv.safetensors")).unwrap()),
     )
     .unwrap();
+}
+
+#[test]
+fn gradients_reach_the_parameter_handles() {
+    // The optimizer holds the handles from parameters()/param_groups(); backward through the
+    // adapter must fill exactly their .grad().
+    let (_, _, net) = network("tiny", &opts(true));
+    randomize_up(&net);
+    use sdlora::models::layers::Adapter;
+    for m in [
+        &net.unet_loras[0],
+        net.unet_loras
+            .iter()
+            .find(|m| m.name.ends_with("resnets_0_conv1"))
+            .unwrap(),
+    ] {
+        let (d, u) = m.parameters();
+        let x = if d.dim() == 2 {
+            Tensor::randn([2, 3, m.in_dim], (Kind::Float, tch::Device::Cpu))
+        } else {
+            Tensor::randn([2, m.in_dim, 8, 8], (Kind::Float, tch::Device::Cpu))
+        };
+        m.delta(&x).square().sum(Kind::Float).backward();
+        // Same loss through detached copies of the weights.
+        let d2 = d.detach().copy().set_requires_grad(true);
+        let u2 = u.detach().copy().set_requires_grad(true);
+        let y = if d.dim() == 2 {
+            x.linear::<&Tensor>(&d2, None).linear::<&Tensor>(&u2, None)
+        } else {
+            x.conv2d::<&Tensor>(&d2, None, [1, 1], [1, 1], [1, 1], 1)
+                .conv2d::<&Tensor>(&u2, None, [1, 1], [0, 0], [1, 1], 1)
+        };
+        (y * m.scale).square().sum(Kind::Float).backward();
+        for (a, b) in [(&d, &d2), (&u, &u2)] {
+            let (ga, gb) = (a.grad(), b.grad());
+            let err = ((&ga - &gb).abs().max() / gb.abs().max()).double_value(&[]);
+            assert!(err < 1e-5, "{}: grad rel err {err}", m.name);
+        }
+    }
 }
