@@ -518,6 +518,9 @@ fn export_for_python() {
     let f = facts();
     let md = f.save_metadata(&f.start_metadata().unwrap(), 10, 1, 1_700_000_100.5);
     net.save(&out.join("sd1.safetensors"), None, &md).unwrap();
+    // and with no metadata at all: the hashes then see an empty "__metadata__" map, as in Python
+    net.save(&out.join("sd1_nometa.safetensors"), None, &BTreeMap::new())
+        .unwrap();
     // --scale_weight_norms: a network with large ups, before and after the regularization.
     tch::manual_seed(13);
     let (_, _, net) = network("tiny", &opts(true));

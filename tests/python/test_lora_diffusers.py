@@ -110,7 +110,7 @@ def test_diffusers_loads_with_exact_deltas(files, name):
 
 
 def test_sshs_hashes_match_sd_scripts_algorithm(files):
-    for name in ["sd1", "tiny", "tiny_fp16"]:
+    for name in ["sd1", "sd1_nometa", "tiny", "tiny_fp16", "maxnorm_before"]:
         path = files / f"{name}.safetensors"
         with safe_open(path, "pt") as f:
             md = f.metadata()
