@@ -1,4 +1,7 @@
 //! `sdlora train`: the train_network run.
+pub mod args;
+pub mod optim;
+
 use anyhow::Result;
 
 /// Entry point for `sdlora train <sd-scripts flags>`.
