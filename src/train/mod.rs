@@ -1,4 +1,5 @@
 //! `sdlora train`: the train_network run.
+pub mod args;
 pub mod optim;
 
 use anyhow::Result;
