@@ -2,6 +2,7 @@
 pub mod args;
 pub mod optim;
 pub mod rng_replay;
+pub mod rng_state;
 
 use anyhow::Result;
 
