@@ -1,4 +1,8 @@
 //! `sdlora train`: the train_network run.
+pub mod args;
+pub mod optim;
+pub mod rng_replay;
+
 use anyhow::Result;
 
 /// Entry point for `sdlora train <sd-scripts flags>`.
