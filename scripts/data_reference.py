@@ -650,18 +650,21 @@ def run_dataset(job):
     total = sum(lens)
     torch.manual_seed(job["seed"])
     workers = job.get("workers", 0)
+    persistent = job.get("persistent", False) and workers > 0
     pixel_epochs = set(job.get("pixel_epochs", []))
     arrays = {}
     epochs = []
-    persistent_workers = None
     for e in range(1, job["epochs"] + 1):
-        # DataLoader.__iter__: _base_seed, then the RandomSampler's generator seed (spec §6.3.4)
-        base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        # DataLoader.__iter__: _base_seed (once with persistent workers), then the RandomSampler's
+        # generator seed (spec §6.3.4)
+        fresh = not (persistent and e > 1)
+        if fresh:
+            base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         sampler_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         g = torch.Generator()
         g.manual_seed(sampler_seed)
         perm = torch.randperm(total, generator=g).tolist()
-        if workers > 0:
+        if workers > 0 and fresh:
             import copy
             # each worker: a copy of the never-advanced main-process datasets, random seeded with base_seed + id
             state = random.getstate()

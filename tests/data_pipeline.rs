@@ -375,10 +375,11 @@ fn check_epochs(
     r: &Value,
     seed: u64,
     workers: usize,
+    persistent: bool,
 ) {
     let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed as i64);
-    let mut loader = Loader::new(group, workers, false, 1);
+    let mut loader = Loader::new(group, workers, persistent, 1);
     let mut seeds = GlobalTorchSeeds;
     for (e, wep) in r["epochs"].as_array().unwrap().iter().enumerate() {
         let plans = loader.plan_epoch(group, e as i64 + 1, &mut seeds).unwrap();
@@ -387,7 +388,7 @@ fn check_epochs(
         assert_eq!(plans.len(), wb.len());
         for (k, (p, w)) in plans.iter().zip(wb).enumerate() {
             let what = format!(
-                "config {name} seed {seed} workers {workers} epoch {} batch {k}",
+                "config {name} seed {seed} workers {workers} persistent {persistent} epoch {} batch {k}",
                 e + 1
             );
             assert_eq!(p.dataset as u64, w["dataset"].as_u64().unwrap(), "{what}");
@@ -417,21 +418,32 @@ fn check_epochs(
 }
 
 fn structure_and_order(name: &str) {
+    // (seed, DataLoader workers, persistent workers)
     let mut cases = vec![];
     for seed in [0u64, 42, 1234] {
-        for workers in [0usize, 3] {
-            cases.push((seed, workers, case(name, seed, workers)));
+        for (workers, persistent) in [(0usize, false), (3, false)] {
+            cases.push((seed, workers, persistent));
         }
     }
-    let jobs = Value::Array(cases.iter().map(|c| c.2 .0.clone()).collect());
-    let results = run_reference(&jobs, &format!("order_{name}"));
-    for (i, (seed, workers, (_, args))) in cases.iter().enumerate() {
+    cases.push((42, 2, true));
+    let jobs: Vec<(Value, DataArgs)> = cases
+        .iter()
+        .map(|&(seed, workers, persistent)| {
+            let (mut job, mut args) = case(name, seed, workers);
+            job["persistent"] = persistent.into();
+            args.persistent_data_loader_workers = persistent;
+            (job, args)
+        })
+        .collect();
+    let all = Value::Array(jobs.iter().map(|j| j.0.clone()).collect());
+    let results = run_reference(&all, &format!("order_{name}"));
+    for (i, (&(seed, workers, persistent), (_, args))) in cases.iter().zip(&jobs).enumerate() {
         let r = &results[i];
         let group = build(args);
         if i == 0 {
             check_structure(name, &group, r);
         }
-        check_epochs(name, &group, r, *seed, *workers);
+        check_epochs(name, &group, r, seed, workers, persistent);
     }
 }
 
