@@ -8,6 +8,7 @@ Commands (all print JSON on stdout):
   random SEEDS...                  CPython random streams for the Rust port
   sampler EPOCHS WORKERS SEED:L... torch DataLoader visiting order (batch_size=1, shuffle=True)
   dataset JOBS.json                build datasets as sd-scripts does and replay epochs (a job or a list)
+  worker-probe SEED N EPOCHS WORKERS PERSISTENT   real DataLoader workers: index, worker, random()
   captions CASES.json              process_caption with Python's random, per case
   color-aug IMG SEED N OUT.npz     AugHelper.color_aug N times with OpenCV
   tokens CAPTIONS.json             sd-scripts' (n, 77) input_ids windows, v1/v2, 75/150/225 tokens
@@ -126,6 +127,29 @@ class _Idx(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return i
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Reports which worker fetched an index and that worker's next Python random draw."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return [i, -1 if info is None else info.id, repr(random.random())]
+
+
+def worker_probe(seed, n, epochs, workers, persistent):
+    """The real DataLoader with workers: per epoch [index, worker id, random() in that worker]."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    dl = torch.utils.data.DataLoader(_Probe(n), batch_size=1, shuffle=True, num_workers=workers,
+                                     persistent_workers=persistent, collate_fn=lambda x: x[0])
+    return [[b for b in dl] for _ in range(epochs)]
 
 
 def sampler_order(seed, n, epochs, workers):
@@ -769,6 +793,8 @@ def main():
         with open(sys.argv[2]) as f:
             jobs = json.load(f)
         res = [run_dataset(j) for j in jobs] if isinstance(jobs, list) else run_dataset(jobs)
+    elif cmd == "worker-probe":
+        res = worker_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
     elif cmd == "captions":
         res = captions(sys.argv[2])
     elif cmd == "color-aug":

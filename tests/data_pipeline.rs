@@ -690,3 +690,47 @@ fn latent_caches_interchange_with_numpy() {
     assert_eq!(head, want);
     let _ = NpyArray::f32(vec![1], vec![0.0]);
 }
+
+/// The worker model the loader replays, checked against the real torch DataLoader with worker
+/// processes: batch k goes to worker k % W (from worker 0 every epoch), each worker's Python
+/// RNG is seeded with base_seed + worker id, and persistent workers keep their RNG while the base
+/// seed is drawn only once.
+#[test]
+fn dataloader_worker_model_matches_torch() {
+    use sdlora::data::SeedSource;
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, epochs, w) = (7usize, 3usize, 3usize);
+    for seed in [0u64, 42] {
+        for persistent in [false, true] {
+            let want = py(&[
+                "worker-probe",
+                &seed.to_string(),
+                &n.to_string(),
+                &epochs.to_string(),
+                &w.to_string(),
+                if persistent { "1" } else { "0" },
+            ]);
+            tch::manual_seed(seed as i64);
+            let mut seeds = GlobalTorchSeeds;
+            let mut rngs: Vec<PyRandom> = vec![];
+            for e in 0..epochs {
+                if !persistent || e == 0 {
+                    let base = seeds.draw_i64() as i128;
+                    rngs = (0..w).map(|i| PyRandom::new(base + i as i128)).collect();
+                }
+                let s = seeds.draw_i64();
+                let perm = TorchCpuGenerator::new(s as u64).randperm(n);
+                for (k, b) in want[e].as_array().unwrap().iter().enumerate() {
+                    let what = format!(
+                        "seed {seed} persistent {persistent} epoch {} batch {k}",
+                        e + 1
+                    );
+                    assert_eq!(b[0].as_u64().unwrap() as usize, perm[k], "{what}: index");
+                    assert_eq!(b[1].as_u64().unwrap() as usize, k % w, "{what}: worker");
+                    let r: f64 = b[2].as_str().unwrap().parse().unwrap();
+                    assert_eq!(rngs[k % w].random(), r, "{what}: worker's Python RNG");
+                }
+            }
+        }
+    }
+}
