@@ -734,3 +734,79 @@ fn dataloader_worker_model_matches_torch() {
         }
     }
 }
+
+/// Throughput of the background decoding (run with --ignored --nocapture): batches per second
+/// with 1 and 2 threads while the consumer "trains" for a fixed time per step.
+#[test]
+#[ignore]
+fn loader_throughput() {
+    let root = fixture().join("throughput");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..24 {
+        let img = image::RgbImage::from_fn(1024, 768, |x, y| {
+            image::Rgb([(x + i) as u8, (y * 3) as u8, ((x ^ y) & 255) as u8])
+        });
+        img.save(root.join(format!("{i:02}.jpg"))).unwrap();
+    }
+    let cfg = fixture().join("config_tp.toml");
+    write(
+        &cfg,
+        &format!(
+            "[[datasets]]\nresolution = 512\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = \"{}\"\nclass_tokens = \"t\"\n",
+            root.display()
+        ),
+    );
+    let args = DataArgs {
+        dataset_config: Some(cfg),
+        seed: Some(1),
+        ..Default::default()
+    };
+    let group = build(&args);
+    {
+        use sdlora::data::image::*;
+        let p = root.join("00.jpg");
+        let t = std::time::Instant::now();
+        let img = load_image_rgb(&p).unwrap();
+        let t_load = t.elapsed();
+        let t = std::time::Instant::now();
+        check_image(&p).unwrap();
+        let t_check = t.elapsed();
+        let t = std::time::Instant::now();
+        let r = resize_area(&img, 683, 512);
+        let t_area = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = resize_pil(&img, 1365, 1024, PilFilter::Lanczos);
+        let t_lz = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = r.to_chw_normalized();
+        let t_norm = t.elapsed();
+        eprintln!("1024x768 JPEG: load {t_load:?}, generic decode {t_check:?}, area to 683x512 {t_area:?}, lanczos to 1365x1024 {t_lz:?}, normalize {t_norm:?}");
+    }
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    for threads in [1usize, 2] {
+        for step_ms in [0u64, 60] {
+            tch::manual_seed(1);
+            let mut loader = Loader::new(&group, 0, false, threads);
+            let t0 = std::time::Instant::now();
+            let mut waited = std::time::Duration::ZERO;
+            let mut it = loader
+                .epoch(&group, 1, &mut GlobalTorchSeeds, None)
+                .unwrap();
+            loop {
+                let tw = std::time::Instant::now();
+                let Some(b) = it.next() else { break };
+                waited += tw.elapsed();
+                b.unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(step_ms));
+            }
+            let total = t0.elapsed();
+            eprintln!(
+                "threads {threads}, step {step_ms} ms: 24 batches in {:.2} s, consumer waited {:.2} s ({:.1} ms/batch)",
+                total.as_secs_f64(),
+                waited.as_secs_f64(),
+                waited.as_secs_f64() * 1000.0 / 24.0
+            );
+        }
+    }
+}
