@@ -1,6 +1,7 @@
 //! `sdlora train`: the train_network run.
 pub mod args;
 pub mod optim;
+pub mod rng_replay;
 
 use anyhow::Result;
 
