@@ -63,9 +63,10 @@ fn main() {
     println!("cargo:rustc-env=SDLORA_LIBTORCH_VERSION={}", version.trim());
 }
 
-/// csrc/rng_state.cpp: libtorch's default-generator state, which tch does not expose.
+/// csrc/: what tch does not expose: the default generators' state and the autocast dtype.
 fn build_rng_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/rng_state.cpp");
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     let root = lib.parent().expect("libtorch lib dir has a parent");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
@@ -77,5 +78,6 @@ fn build_rng_shim(lib: &std::path::Path) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/rng_state.cpp")
+        .file("csrc/autocast.cpp")
         .compile("sdlora_rng");
 }

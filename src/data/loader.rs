@@ -802,3 +802,10 @@ pub fn load_sample_pixels(group: &DatasetGroup, dataset: usize, item: &ItemPlan)
     }
     Ok(img)
 }
+
+impl EpochIter<'_> {
+    /// The main process's Python RNG while an epoch runs (multires noise draws from it).
+    pub fn main_rng(&mut self) -> &mut PyRandom {
+        self.loader.main_rng()
+    }
+}

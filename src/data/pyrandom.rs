@@ -257,3 +257,19 @@ mod tests {
         assert_ne!(v, s);
     }
 }
+
+/// The generator's full state, for `--save_state` / `--resume` (`random.getstate()`).
+impl PyRandom {
+    pub fn getstate(&self) -> (Vec<u32>, usize) {
+        (self.mt.mt.to_vec(), self.mt.mti)
+    }
+
+    pub fn setstate(&mut self, words: &[u32], index: usize) -> anyhow::Result<()> {
+        if words.len() != N || index > N {
+            anyhow::bail!("Python random state: expected {N} words and an index ≤ {N}, got {} and {index}", words.len());
+        }
+        self.mt.mt.copy_from_slice(words);
+        self.mt.mti = index;
+        Ok(())
+    }
+}

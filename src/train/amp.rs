@@ -203,3 +203,13 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         total.double_value(&[])
     })
 }
+
+extern "C" {
+    fn sdlora_autocast_set_cuda_dtype(bf16: std::ffi::c_int);
+}
+
+/// The dtype CUDA autocast computes in (fp16 or bf16), as `torch.autocast("cuda", dtype=...)`.
+pub fn set_autocast_dtype(kind: Kind) {
+    // SAFETY: sets a process-wide autocast setting in libtorch; no pointers involved.
+    unsafe { sdlora_autocast_set_cuda_dtype((kind == Kind::BFloat16) as std::ffi::c_int) }
+}

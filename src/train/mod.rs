@@ -4,6 +4,7 @@ pub mod amp;
 pub mod args;
 pub mod console;
 pub mod counting;
+pub mod dataset_meta;
 pub mod lr;
 pub mod noise;
 pub mod optim;
@@ -11,11 +12,12 @@ pub mod rng_replay;
 pub mod rng_state;
 pub mod save;
 pub mod tensorboard;
+pub mod trainer;
 
 use anyhow::Result;
 
 /// Entry point for `sdlora train <sd-scripts flags>`: parses and checks the arguments exactly
-/// as train_network.py does. The training loop itself is assembled at integration.
+/// as train_network.py does, then runs the training (`trainer`).
 pub fn run_cli(args: &[String]) -> Result<i32> {
     let mut train_args = match args::parse_train_args(args)? {
         args::ArgsOutcome::Help(text) => {
@@ -36,5 +38,5 @@ pub fn run_cli(args: &[String]) -> Result<i32> {
     for w in train_args.verify()? {
         eprintln!("{w}");
     }
-    anyhow::bail!("sdlora train: arguments are valid, but the training loop is not assembled yet")
+    trainer::train(&train_args)
 }
