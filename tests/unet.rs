@@ -192,10 +192,24 @@ fn check_grads(dir: &Path, model: &str, case: &str, backend: AttentionBackend, t
         }
         let mut worst = 0f64;
         let mut got = Vec::new();
+        // Per-tensor relative error, floored at 1e-4 of the largest reference gradient: at 8×8
+        // latents the full-size mid block sees one token, so its self-attention q/k gradients
+        // are exactly zero (softmax over one key) and the reference holds only rounding noise.
+        let floor = params
+            .iter()
+            .map(|(name, _)| {
+                io.get(&format!("grad.{name}"))
+                    .abs()
+                    .max()
+                    .double_value(&[])
+            })
+            .fold(0f64, f64::max)
+            * 1e-4;
         for (name, p) in &params {
             let g = p.grad();
             assert!(g.defined(), "{name}: no gradient (checkpointing={ckpt})");
-            let e = rel(&g, io.get(&format!("grad.{name}")));
+            let r = io.get(&format!("grad.{name}"));
+            let e = max_abs(&g, r) / r.abs().max().double_value(&[]).max(floor);
             assert!(
                 e <= tol,
                 "{case} {backend:?} {name}: relative grad err {e} (checkpointing={ckpt})"
