@@ -9,6 +9,9 @@ Writes OUT (safetensors) with
   image (B, 3, H, W), vae_mean, vae_logvar, vae_decoded (decode(vae_mean))
 
 Usage: python scripts/make_checkpoint_outputs.py --model DIR/diffusers --out FILE [--seed 0]
+       [--make-config tiny|tiny-v2|... --make-seed N]
+With --make-config, first writes that checkpoint with make_sd_checkpoint.py's code into the
+parent of --model (one Python start-up instead of two).
 """
 import argparse
 import os
@@ -21,7 +24,24 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--make-config", help="first write this make_sd_checkpoint.py config")
+    ap.add_argument("--make-seed", type=int, default=0)
     args = ap.parse_args()
+
+    if args.make_config:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import make_sd_checkpoint as m
+
+        torch.set_grad_enabled(False)
+        cfg = m.CONFIGS[args.make_config]
+        models = m.build_models(cfg, args.make_seed)
+        out_dir = os.path.dirname(os.path.normpath(args.model))
+        if os.path.basename(os.path.normpath(args.model)) != "diffusers":
+            sys.exit("--make-config writes DIR/diffusers: pass --model DIR/diffusers")
+        m.emit(out_dir, cfg, models, args.make_seed, False, False, False, False, True, False,
+               f"--config {args.make_config} --seed {args.make_seed}")
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file

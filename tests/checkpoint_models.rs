@@ -40,14 +40,14 @@ fn fixture(config: &str) -> (PathBuf, BTreeMap<String, Tensor>) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{config}"));
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
-    run(
-        "make_sd_checkpoint.py",
-        &["--config", config, "--seed", "3", "--out", d],
-    );
     let outputs = dir.join("outputs.safetensors");
     run(
         "make_checkpoint_outputs.py",
         &[
+            "--make-config",
+            config,
+            "--make-seed",
+            "3",
             "--model",
             &format!("{d}/diffusers"),
             "--out",

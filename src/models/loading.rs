@@ -1512,207 +1512,6 @@ fn load_component(
     Ok(map)
 }
 
-fn json_i64(j: &Value, name: &str, default: i64, src: &str) -> Result<i64> {
-    match j.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_i64()
-            .with_context(|| format!("{src}: `{name}` must be an integer, got {v}")),
-    }
-}
-
-fn json_f64(j: &Value, name: &str, default: f64, src: &str) -> Result<f64> {
-    match j.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .with_context(|| format!("{src}: `{name}` must be a number, got {v}")),
-    }
-}
-
-fn json_bool(j: &Value, name: &str, default: bool, src: &str) -> Result<bool> {
-    match j.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .with_context(|| format!("{src}: `{name}` must be true/false, got {v}")),
-    }
-}
-
-/// An int or a per-level list of ints.
-fn json_per_level(j: &Value, name: &str, levels: usize, src: &str) -> Result<Option<Vec<i64>>> {
-    match j.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            let v = n
-                .as_i64()
-                .with_context(|| format!("{src}: `{name}` must be an integer"))?;
-            Ok(Some(vec![v; levels]))
-        }
-        Some(Value::Array(a)) => {
-            let v: Option<Vec<i64>> = a.iter().map(|x| x.as_i64()).collect();
-            match v {
-                Some(v) if v.len() == levels => Ok(Some(v)),
-                _ => bail!("{src}: `{name}` must be an integer or a list of {levels} integers"),
-            }
-        }
-        Some(v) => bail!("{src}: `{name}` must be an integer or a list, got {v}"),
-    }
-}
-
-/// Reads a Diffusers `unet/config.json` into a [`UNetConfig`]; options outside SD1/SD2 (SDXL's
-/// `addition_embed_type`, class embeddings, several transformer layers per block, …) are errors.
-pub fn unet_config_from_diffusers_json(j: &Value, src: &str) -> Result<UNetConfig> {
-    let d = UNetConfig::sd1();
-    if let Some(v) = j.get("addition_embed_type").filter(|v| !v.is_null()) {
-        bail!(
-            "{src}: `addition_embed_type` = {v}: this is an SDXL-style UNet; sdlora trains Stable \
-             Diffusion 1.x/2.x only"
-        );
-    }
-    let block_out_channels: Vec<i64> = match j.get("block_out_channels") {
-        None => d.block_out_channels.clone(),
-        Some(v) => v
-            .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_i64()).collect())
-            .with_context(|| format!("{src}: `block_out_channels` must be a list of integers"))?,
-    };
-    let n = block_out_channels.len();
-    if n == 0 {
-        bail!("{src}: `block_out_channels` is empty");
-    }
-    let kinds =
-        |name: &str, cross: &str, plain: &str, default: &[BlockKind]| -> Result<Vec<BlockKind>> {
-            match j.get(name) {
-                None => Ok(default.to_vec()),
-                Some(v) => {
-                    let a = v
-                        .as_array()
-                        .with_context(|| format!("{src}: `{name}` must be a list"))?;
-                    a.iter()
-                        .map(|x| match x.as_str() {
-                            Some(s) if s == cross => Ok(BlockKind::CrossAttn),
-                            Some(s) if s == plain => Ok(BlockKind::Plain),
-                            _ => bail!(
-                                "{src}: unsupported block type {x} in `{name}` (sdlora supports \
-                             {cross} and {plain})"
-                            ),
-                        })
-                        .collect()
-                }
-            }
-        };
-    let down_block_types = kinds(
-        "down_block_types",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-        &d.down_block_types,
-    )?;
-    let up_block_types = kinds(
-        "up_block_types",
-        "CrossAttnUpBlock2D",
-        "UpBlock2D",
-        &d.up_block_types,
-    )?;
-    if down_block_types.len() != n || up_block_types.len() != n {
-        bail!("{src}: block type lists and `block_out_channels` differ in length");
-    }
-    let layers =
-        json_per_level(j, "layers_per_block", n, src)?.unwrap_or(vec![d.layers_per_block; n]);
-    if layers.iter().any(|&l| l != layers[0]) {
-        bail!("{src}: per-level `layers_per_block` {layers:?} is not supported");
-    }
-    if let Some(t) = json_per_level(j, "transformer_layers_per_block", n, src)? {
-        if t.iter().any(|&x| x != 1) {
-            bail!("{src}: `transformer_layers_per_block` {t:?} is not supported (SD1/SD2 use 1)");
-        }
-    }
-    // Diffusers: `num_attention_heads or attention_head_dim` (the latter is the head count in
-    // SD configs, a naming quirk; spec §1.1).
-    let num_heads = match json_per_level(j, "num_attention_heads", n, src)? {
-        Some(h) => h,
-        None => json_per_level(j, "attention_head_dim", n, src)?.unwrap_or(vec![8; n]),
-    };
-    let cross_attention_dim = match j.get("cross_attention_dim") {
-        Some(Value::Array(_)) => bail!("{src}: per-level `cross_attention_dim` is not supported"),
-        _ => json_i64(j, "cross_attention_dim", 1280, src)?,
-    };
-    for (name, ok) in [
-        ("class_embed_type", Value::Null),
-        ("num_class_embeds", Value::Null),
-        ("encoder_hid_dim", Value::Null),
-        ("time_cond_proj_dim", Value::Null),
-        ("time_embedding_dim", Value::Null),
-        ("time_embedding_act_fn", Value::Null),
-        ("timestep_post_act", Value::Null),
-        ("cross_attention_norm", Value::Null),
-        ("only_cross_attention", false.into()),
-        ("dual_cross_attention", false.into()),
-        ("center_input_sample", false.into()),
-        ("resnet_skip_time_act", false.into()),
-        ("class_embeddings_concat", false.into()),
-        ("act_fn", "silu".into()),
-        ("resnet_time_scale_shift", "default".into()),
-        ("time_embedding_type", "positional".into()),
-        ("mid_block_type", "UNetMidBlock2DCrossAttn".into()),
-        ("attention_type", "default".into()),
-        ("conv_in_kernel", 3.into()),
-        ("conv_out_kernel", 3.into()),
-        ("downsample_padding", 1.into()),
-        ("mid_block_scale_factor", 1.into()),
-        ("resnet_out_scale_factor", 1.into()),
-        ("dropout", 0.into()),
-    ] {
-        if let Some(v) = j.get(name) {
-            let same = *v == ok || (v.is_number() && ok.is_number() && v.as_f64() == ok.as_f64());
-            if !same {
-                bail!("{src}: `{name}` = {v} is not supported (Stable Diffusion 1.x/2.x use {ok})");
-            }
-        }
-    }
-    Ok(UNetConfig {
-        in_channels: json_i64(j, "in_channels", 4, src)?,
-        out_channels: json_i64(j, "out_channels", 4, src)?,
-        block_out_channels,
-        layers_per_block: layers[0],
-        down_block_types,
-        up_block_types,
-        num_heads,
-        cross_attention_dim,
-        use_linear_projection: json_bool(j, "use_linear_projection", false, src)?,
-        upcast_attention: json_bool(j, "upcast_attention", false, src)?,
-        norm_num_groups: json_i64(j, "norm_num_groups", 32, src)?,
-        norm_eps: json_f64(j, "norm_eps", 1e-5, src)?,
-        flip_sin_to_cos: json_bool(j, "flip_sin_to_cos", true, src)?,
-        freq_shift: json_f64(j, "freq_shift", 0.0, src)?,
-        ..d
-    })
-}
-
-/// Reads a transformers `text_encoder/config.json` (CLIPTextConfig, or a full CLIPConfig's
-/// `text_config`) into a [`ClipTextConfig`].
-pub fn clip_config_from_transformers_json(j: &Value, src: &str) -> Result<ClipTextConfig> {
-    let j = j.get("text_config").filter(|v| v.is_object()).unwrap_or(j);
-    let d = ClipTextConfig::sd1();
-    let hidden_act = match j.get("hidden_act").and_then(|v| v.as_str()) {
-        None | Some("quick_gelu") => ClipActivation::QuickGelu,
-        Some("gelu") => ClipActivation::Gelu,
-        Some(other) => bail!(
-            "{src}: `hidden_act` = {other:?} is not supported (quick_gelu for SD1, gelu for SD2)"
-        ),
-    };
-    Ok(ClipTextConfig {
-        vocab_size: json_i64(j, "vocab_size", d.vocab_size, src)?,
-        hidden_size: json_i64(j, "hidden_size", 512, src)?,
-        intermediate_size: json_i64(j, "intermediate_size", 2048, src)?,
-        num_hidden_layers: json_i64(j, "num_hidden_layers", 12, src)?,
-        num_attention_heads: json_i64(j, "num_attention_heads", 8, src)?,
-        max_position_embeddings: json_i64(j, "max_position_embeddings", 77, src)?,
-        hidden_act,
-        layer_norm_eps: json_f64(j, "layer_norm_eps", 1e-5, src)?,
-    })
-}
-
 /// Diffusers < 0.17 saved the VAE attention as `query/key/value/proj_attn`; Diffusers itself
 /// still renames them on load.
 fn diffusers_vae_key(k: &str) -> String {
@@ -1747,18 +1546,26 @@ fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedCheckpo
     }
     let unet_json_path = sub("unet").join("config.json");
     let unet_json = read_json(&unet_json_path)?;
-    if unet_json.get("_class_name").and_then(|v| v.as_str()) == Some("UNet2DConditionModel")
-        || unet_json.get("_class_name").is_none()
+    if let Some(c) = unet_json.get("_class_name") {
+        if c.as_str() != Some("UNet2DConditionModel") {
+            bail!(
+                "{}: `_class_name` {c} is not UNet2DConditionModel",
+                unet_json_path.display()
+            );
+        }
+    }
+    if let Some(v) = unet_json
+        .get("addition_embed_type")
+        .filter(|v| !v.is_null())
     {
-    } else {
         bail!(
-            "{}: `_class_name` {} is not UNet2DConditionModel",
-            unet_json_path.display(),
-            unet_json["_class_name"]
+            "{}: `addition_embed_type` = {v}: this is an SDXL-style UNet; sdlora trains Stable \
+             Diffusion 1.x/2.x only",
+            unet_json_path.display()
         );
     }
-    let unet_config =
-        unet_config_from_diffusers_json(&unet_json, &unet_json_path.display().to_string())?;
+    let unet_config = UNetConfig::from_diffusers_json(&unet_json)
+        .with_context(|| format!("{}", unet_json_path.display()))?;
     let te_json_path = sub("text_encoder").join("config.json");
     let te_json = read_json(&te_json_path)?;
     if let Some(arch) = te_json.get("architectures").and_then(|a| a.as_array()) {
@@ -1773,8 +1580,13 @@ fn load_diffusers_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedCheckpo
             );
         }
     }
-    let clip_config =
-        clip_config_from_transformers_json(&te_json, &te_json_path.display().to_string())?;
+    // A full CLIPConfig nests the text tower's settings.
+    let te_cfg = te_json
+        .get("text_config")
+        .filter(|v| v.is_object())
+        .unwrap_or(&te_json);
+    let clip_config = ClipTextConfig::from_diffusers_json(te_cfg)
+        .with_context(|| format!("{}", te_json_path.display()))?;
     let vae_json_path = sub("vae").join("config.json");
     let vae_config = VaeConfig::from_diffusers_json(
         &read_json(&vae_json_path)?,
