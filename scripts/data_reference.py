@@ -172,7 +172,7 @@ SUBSET_DEFAULTS = dict(
     random_crop=False, caption_prefix=None, caption_suffix=None, caption_dropout_rate=0.0,
     caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_min=1, token_warmup_step=0,
     custom_attributes=None, resize_interpolation=None, alpha_mask=False, is_reg=False, class_tokens=None,
-    caption_extension=".caption", cache_info=False,
+    caption_extension=".caption", cache_info=False, metadata_file=None,
 )
 DATASET_DEFAULTS = dict(
     resolution=None, batch_size=1, enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024,
@@ -229,6 +229,7 @@ def blueprint(job, log):
         r = dp["resolution"]
         dp["resolution"] = (r, r) if isinstance(r, int) else tuple(r)
         sps = [{k: search(k, [s, d, general, cli], v) for k, v in SUBSET_DEFAULTS.items()} for s in d.get("subsets", [])]
+        dp["_ft"] = bool(d.get("subsets")) and all("metadata_file" in s for s in d["subsets"])
         out.append((dp, sps))
     return out
 
@@ -334,9 +335,36 @@ def build(job, log):
         else:
             ds.mn = ds.mx = ds.st = None
             ds.nu = False
-        log.info("prepare images.")
         ds.images = {}  # key -> dict (insertion ordered)
         ds.subsets = []
+        if dp["_ft"]:
+            # FineTuningDataset (spec §2.8): captions + tags from the metadata, keys longest first
+            ds.ntrain = ds.nreg = 0
+            for sp in sps:
+                log.info(f"loading existing metadata: {sp['metadata_file']}")
+                with open(sp["metadata_file"], encoding="utf-8") as f:
+                    md = json.load(f)
+                si = len(ds.subsets)
+                n_size = 0
+                for key in sorted(md.keys(), key=len, reverse=True):
+                    m = md[key]
+                    caption = m.get("caption") or ""
+                    tags = m.get("tags")
+                    if tags:
+                        caption = caption + sp["caption_separator"] + tags if caption else tags
+                    path = key if os.path.isabs(key) else os.path.join(sp["image_dir"], key)
+                    info = dict(key=key, path=path, repeats=sp["num_repeats"], caption=caption, is_reg=False, subset=si)
+                    if m.get("image_size"):
+                        info["size"] = tuple(m["image_size"])
+                        n_size += 1
+                    ds.images[key] = info
+                if n_size:
+                    log.info(f"set image size from metadata: {n_size}/{len(md)}")
+                ds.ntrain += len(md) * sp["num_repeats"]
+                ds.subsets.append((sp, len(md)))
+            datasets.append(ds)
+            continue
+        log.info("prepare images.")
         reg = []
         ntrain = nreg = 0
         for sp in sps:
@@ -442,11 +470,16 @@ def build(job, log):
                   resize_interpolation: {s['resize_interpolation']}
                   custom_attributes: {s['custom_attributes']}
                 """), "  ")
-            info += indent(dedent(f"""\
-                is_reg: {s['is_reg']}
-                class_tokens: {s['class_tokens']}
-                caption_extension: {s['caption_extension']}
-                \n"""), "    ")
+            if ds.p["_ft"]:
+                info += indent(dedent(f"""\
+                    metadata_file: {s['metadata_file']}
+                    \n"""), "    ")
+            else:
+                info += indent(dedent(f"""\
+                    is_reg: {s['is_reg']}
+                    class_tokens: {s['class_tokens']}
+                    caption_extension: {s['caption_extension']}
+                    \n"""), "    ")
     log.info(info)
 
     random.seed(job["seed"])
@@ -455,8 +488,10 @@ def build(job, log):
         log.info(f"[Prepare dataset {i}]")
         log.info("loading image sizes.")
         for info in ds.images.values():
-            with Image.open(info["key"]) as im:
-                info["size"] = im.size
+            info.setdefault("path", info["key"])
+            if "size" not in info:
+                with Image.open(info["path"]) as im:
+                    info["size"] = im.size
         log.info("make buckets" if ds.p["enable_bucket"] else "prepare dataset")
         resos, buckets, errs = [], {}, []
         if ds.p["enable_bucket"]:
@@ -633,7 +668,7 @@ def get_item(ds, index, pixels):
             if rh > bh:
                 top = (rh - bh) // 2 if not s["random_crop"] else random.randint(0, rh - bh)
             if pixels:
-                with Image.open(key) as im:
+                with Image.open(info["path"]) as im:
                     arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
                 if (arr.shape[1], arr.shape[0]) != (rw, rh):
                     arr = resize(arr, rw, rh)
@@ -647,7 +682,7 @@ def get_item(ds, index, pixels):
                 if w > ds.width:
                     left = random.randint(0, w - ds.width)
             if pixels:
-                with Image.open(key) as im:
+                with Image.open(info["path"]) as im:
                     arr = np.array(im.convert("RGB"))
                 img = arr[top:top + ds.height, left:left + ds.width]
         if img is not None and flipped:
