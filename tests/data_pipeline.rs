@@ -580,7 +580,7 @@ fn corrupt_image_is_reported_before_training() {
     write(
         &p,
         &format!(
-            "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{}/corrupt\"\n",
+            "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{}/corrupt\"\nclass_tokens = \"c\"\n",
             root.display()
         ),
     );

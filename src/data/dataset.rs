@@ -544,9 +544,17 @@ impl Builder<'_> {
                         m.push(img.clone());
                     }
                     (None, None) => {
-                        log.warn(format!("neither caption file nor class tokens are found. use empty caption for {img} / キャプションファイルもclass tokenも見つかりませんでした。空のキャプションを使用します: {img}"));
-                        c.push(String::new());
-                        m.push(img.clone());
+                        // sd-scripts trains such an image with an empty caption after a
+                        // warning; almost always a wrong caption_extension or a forgotten
+                        // class_tokens, so we stop before training instead.
+                        let stem = splitext_stem(img);
+                        let ext = &sp.caption_extension;
+                        let other = [".txt", ".caption"]
+                            .iter()
+                            .find(|e| *e != ext && Path::new(&format!("{stem}{e}")).is_file())
+                            .map(|e| format!(" ({stem}{e} exists: set caption_extension = \"{e}\" or --caption_extension={e})"))
+                            .unwrap_or_default();
+                        bail!("{img}: neither caption file nor class tokens are found / キャプションファイルもclass tokenも見つかりませんでした: add {stem}{ext} or set class_tokens for this subset{other}");
                     }
                 }
             }
