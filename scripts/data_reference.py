@@ -172,7 +172,7 @@ SUBSET_DEFAULTS = dict(
     random_crop=False, caption_prefix=None, caption_suffix=None, caption_dropout_rate=0.0,
     caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_min=1, token_warmup_step=0,
     custom_attributes=None, resize_interpolation=None, alpha_mask=False, is_reg=False, class_tokens=None,
-    caption_extension=".caption", cache_info=False,
+    caption_extension=".caption", cache_info=False, metadata_file=None,
 )
 DATASET_DEFAULTS = dict(
     resolution=None, batch_size=1, enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024,
@@ -229,6 +229,7 @@ def blueprint(job, log):
         r = dp["resolution"]
         dp["resolution"] = (r, r) if isinstance(r, int) else tuple(r)
         sps = [{k: search(k, [s, d, general, cli], v) for k, v in SUBSET_DEFAULTS.items()} for s in d.get("subsets", [])]
+        dp["_ft"] = bool(d.get("subsets")) and all("metadata_file" in s for s in d["subsets"])
         out.append((dp, sps))
     return out
 
@@ -314,6 +315,73 @@ class DS:
     pass
 
 
+def set_tag_frequency(ds, dir_name, caps):
+    freq = ds.tag_frequency.setdefault(dir_name, {})
+    for c in caps:
+        for tag in c.split(","):
+            tag = tag.strip()
+            if tag:
+                tag = tag.lower()
+                freq[tag] = freq.get(tag, 0) + 1
+
+
+def metadata(job, datasets):
+    """The dataset part of NetworkTrainer.train's ss_* metadata (spec §5.4)."""
+    if job.get("dataset_config"):
+        dms, tf, dirs = [], {}, {}
+        for ds in datasets:
+            db = not ds.p["_ft"]
+            bi = None
+            if ds.p["enable_bucket"]:
+                bi = {"buckets": {i: {"resolution": r, "count": len(b)} for i, (r, b) in enumerate(zip(ds.resos, ds.buckets))},
+                      "mean_img_ar_error": ds.mean_err}
+            dm = {"is_dreambooth": db, "batch_size_per_device": ds.batch_size, "num_train_images": ds.ntrain,
+                  "num_reg_images": ds.nreg, "resolution": (ds.width, ds.height), "enable_bucket": bool(ds.p["enable_bucket"]),
+                  "min_bucket_reso": ds.mn, "max_bucket_reso": ds.mx, "tag_frequency": ds.tag_frequency, "bucket_info": bi,
+                  "resize_interpolation": ds.p["resize_interpolation"]}
+            subs = []
+            for s, count in ds.subsets:
+                sm = {"img_count": count, "num_repeats": s["num_repeats"], "color_aug": bool(s["color_aug"]),
+                      "flip_aug": bool(s["flip_aug"]), "random_crop": bool(s["random_crop"]),
+                      "shuffle_caption": bool(s["shuffle_caption"]), "keep_tokens": s["keep_tokens"],
+                      "keep_tokens_separator": s["keep_tokens_separator"], "secondary_separator": s["secondary_separator"],
+                      "enable_wildcard": bool(s["enable_wildcard"]), "caption_prefix": s["caption_prefix"],
+                      "caption_suffix": s["caption_suffix"], "resize_interpolation": s["resize_interpolation"]}
+                key = None
+                if s["image_dir"]:
+                    sm["image_dir"] = key = os.path.basename(s["image_dir"])
+                if db:
+                    sm["class_tokens"] = s["class_tokens"]
+                    sm["is_reg"] = s["is_reg"]
+                    if s["is_reg"]:
+                        key = None
+                else:
+                    sm["metadata_file"] = key = os.path.basename(s["metadata_file"])
+                subs.append(sm)
+                if key is not None:
+                    v, i = key, 2
+                    while v in dirs:
+                        v = key + f" ({i})"
+                        i += 1
+                    dirs[v] = {"n_repeats": s["num_repeats"], "img_count": count}
+            dm["subsets"] = subs
+            dms.append(dm)
+            for d, f in ds.tag_frequency.items():
+                if d not in tf:
+                    tf[d] = f
+        return {"ss_datasets": json.dumps(dms), "ss_tag_frequency": json.dumps(tf), "ss_dataset_dirs": json.dumps(dirs)}
+    ds = datasets[0]
+    dirs, reg = {}, {}
+    for s, count in ds.subsets:
+        (reg if s["is_reg"] else dirs)[os.path.basename(s["image_dir"])] = {"n_repeats": s["num_repeats"], "img_count": count}
+    bi = None
+    if ds.p["enable_bucket"]:
+        bi = {"buckets": {i: {"resolution": r, "count": len(b)} for i, (r, b) in enumerate(zip(ds.resos, ds.buckets))},
+              "mean_img_ar_error": ds.mean_err}
+    return {"ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg),
+            "ss_tag_frequency": json.dumps(ds.tag_frequency), "ss_bucket_info": json.dumps(bi)}
+
+
 def build(job, log):
     bps = blueprint(job, log)
     prior = job.get("cli", {}).get("prior_loss_weight", 1.0)
@@ -334,9 +402,40 @@ def build(job, log):
         else:
             ds.mn = ds.mx = ds.st = None
             ds.nu = False
-        log.info("prepare images.")
         ds.images = {}  # key -> dict (insertion ordered)
         ds.subsets = []
+        ds.tag_frequency = {}
+        if dp["_ft"]:
+            # FineTuningDataset (spec §2.8): captions + tags from the metadata, keys longest first
+            ds.ntrain = ds.nreg = 0
+            for sp in sps:
+                log.info(f"loading existing metadata: {sp['metadata_file']}")
+                with open(sp["metadata_file"], encoding="utf-8") as f:
+                    md = json.load(f)
+                si = len(ds.subsets)
+                n_size = 0
+                tags_list = []  # in registration (longest key first) order
+                for key in sorted(md.keys(), key=len, reverse=True):
+                    m = md[key]
+                    caption = m.get("caption") or ""
+                    tags = m.get("tags")
+                    if tags:
+                        caption = caption + sp["caption_separator"] + tags if caption else tags
+                        tags_list.append(tags)
+                    path = key if os.path.isabs(key) else os.path.join(sp["image_dir"], key)
+                    info = dict(key=key, path=path, repeats=sp["num_repeats"], caption=caption, is_reg=False, subset=si)
+                    if m.get("image_size"):
+                        info["size"] = tuple(m["image_size"])
+                        n_size += 1
+                    ds.images[key] = info
+                if n_size:
+                    log.info(f"set image size from metadata: {n_size}/{len(md)}")
+                set_tag_frequency(ds, os.path.basename(sp["metadata_file"]), tags_list)
+                ds.ntrain += len(md) * sp["num_repeats"]
+                ds.subsets.append((sp, len(md)))
+            datasets.append(ds)
+            continue
+        log.info("prepare images.")
         reg = []
         ntrain = nreg = 0
         for sp in sps:
@@ -357,6 +456,7 @@ def build(job, log):
                     else:
                         c = sp["class_tokens"]
                 caps.append(c)
+            set_tag_frequency(ds, os.path.basename(sp["image_dir"]), caps)
             if missing:
                 n = len(missing)
                 log.warning(f"No caption file found for {n} images. Training will continue without captions for these images. If class token exists, it will be used. / {n}枚の画像にキャプションファイルが見つかりませんでした。これらの画像についてはキャプションなしで学習を続行します。class tokenが存在する場合はそれを使います。")
@@ -442,11 +542,16 @@ def build(job, log):
                   resize_interpolation: {s['resize_interpolation']}
                   custom_attributes: {s['custom_attributes']}
                 """), "  ")
-            info += indent(dedent(f"""\
-                is_reg: {s['is_reg']}
-                class_tokens: {s['class_tokens']}
-                caption_extension: {s['caption_extension']}
-                \n"""), "    ")
+            if ds.p["_ft"]:
+                info += indent(dedent(f"""\
+                    metadata_file: {s['metadata_file']}
+                    \n"""), "    ")
+            else:
+                info += indent(dedent(f"""\
+                    is_reg: {s['is_reg']}
+                    class_tokens: {s['class_tokens']}
+                    caption_extension: {s['caption_extension']}
+                    \n"""), "    ")
     log.info(info)
 
     random.seed(job["seed"])
@@ -455,8 +560,10 @@ def build(job, log):
         log.info(f"[Prepare dataset {i}]")
         log.info("loading image sizes.")
         for info in ds.images.values():
-            with Image.open(info["key"]) as im:
-                info["size"] = im.size
+            info.setdefault("path", info["key"])
+            if "size" not in info:
+                with Image.open(info["path"]) as im:
+                    info["size"] = im.size
         log.info("make buckets" if ds.p["enable_bucket"] else "prepare dataset")
         resos, buckets, errs = [], {}, []
         if ds.p["enable_bucket"]:
@@ -483,7 +590,8 @@ def build(job, log):
             log.info("number of images (including repeats) / 各bucketの画像枚数（繰り返し回数を含む）")
             for bi, (r, b) in enumerate(zip(resos, ds.buckets)):
                 log.info(f"bucket {bi}: resolution {r}, count: {len(b)}")
-            log.info(f"mean ar error (without repeats): {np.mean(np.abs(np.array(errs))) if errs else 0}")
+            ds.mean_err = np.mean(np.abs(np.array(errs))) if errs else 0
+            log.info(f"mean ar error (without repeats): {ds.mean_err}")
         ds.indices = []
         for bi, b in enumerate(ds.buckets):
             for k in range(math.ceil(len(b) / ds.batch_size)):
@@ -633,7 +741,7 @@ def get_item(ds, index, pixels):
             if rh > bh:
                 top = (rh - bh) // 2 if not s["random_crop"] else random.randint(0, rh - bh)
             if pixels:
-                with Image.open(key) as im:
+                with Image.open(info["path"]) as im:
                     arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
                 if (arr.shape[1], arr.shape[0]) != (rw, rh):
                     arr = resize(arr, rw, rh)
@@ -647,7 +755,7 @@ def get_item(ds, index, pixels):
                 if w > ds.width:
                     left = random.randint(0, w - ds.width)
             if pixels:
-                with Image.open(key) as im:
+                with Image.open(info["path"]) as im:
                     arr = np.array(im.convert("RGB"))
                 img = arr[top:top + ds.height, left:left + ds.width]
         if img is not None and flipped:
@@ -661,7 +769,7 @@ def get_item(ds, index, pixels):
 def run_dataset(job):
     log = Log()
     datasets, dataset_seed = build(job, log)
-    out = {"log": log.lines, "dataset_seed": dataset_seed, "datasets": []}
+    out = {"log": log.lines, "dataset_seed": dataset_seed, "datasets": [], "metadata": metadata(job, datasets)}
     for ds in datasets:
         out["datasets"].append({
             "predefined": [list(r) for r in ds.predefined],

@@ -309,7 +309,7 @@ fn color_aug_matches_opencv() {
     let base = load_image_rgb(&img_path).unwrap();
     let mut rng = PyRandom::new(seed as i128);
     let mut worst = 0;
-    for k in 0..n {
+    for (k, kind) in kinds.iter().enumerate() {
         let mut im = base.clone();
         let aug = draw_color_aug(&mut rng);
         apply_color_aug(&mut im, aug);
@@ -322,11 +322,33 @@ fn color_aug_matches_opencv() {
         for (g, e) in im.data.iter().zip(&exp) {
             worst = worst.max((*g as i32 - *e as i32).abs());
         }
-        assert!(
-            worst <= 1,
-            "sample {k} ({}): max abs error {worst}",
-            kinds[k]
-        );
+        assert!(worst <= 1, "sample {k} ({kind}): max abs error {worst}");
     }
     eprintln!("color aug: {n} samples, max abs error {worst}/255");
+}
+
+#[test]
+fn image_without_caption_or_class_tokens_is_an_error_naming_it() {
+    let dir = tmp().join("nocap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 0]));
+    img.save(dir.join("zko (1).png")).unwrap();
+    // the tutorial's pitfall: captions are .caption files but the config says .txt
+    std::fs::write(dir.join("zko (1).caption"), "zko, smile\n").unwrap();
+    let msg = build_err(
+        "nocap.toml",
+        &format!(
+            "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{}\"\n",
+            dir.display()
+        ),
+        DataArgs::default(),
+    );
+    assert!(
+        msg.contains("nocap/zko (1).png: neither caption file nor class tokens are found"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("set caption_extension = \".caption\""),
+        "{msg}"
+    );
 }

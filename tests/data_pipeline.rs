@@ -127,6 +127,47 @@ caption_tag_dropout_rate = 0.3
     p
 }
 
+fn config_d(root: &Path) -> PathBuf {
+    let md = root.join("meta.json");
+    write(
+        &md,
+        r#"{"a.png": {"caption": "scene a", "tags": "tree, sky"}, "b.png": {"tags": "house", "image_size": [190, 250]}, "c.webp": {"caption": "scene c"}}"#,
+    );
+    let p = root.join("config_d.toml");
+    write(
+        &p,
+        &format!(
+            r#"[general]
+enable_bucket = true
+min_bucket_reso = 128
+max_bucket_reso = 512
+flip_aug = true
+
+[[datasets]]
+resolution = 256
+batch_size = 2
+shuffle_caption = true
+
+  [[datasets.subsets]]
+  image_dir = "{r}/data2"
+  metadata_file = "{md}"
+  num_repeats = 3
+
+[[datasets]]
+resolution = 192
+caption_extension = ".txt"
+
+  [[datasets.subsets]]
+  image_dir = "{r}/reg"
+  class_tokens = "person"
+"#,
+            r = root.display(),
+            md = md.display()
+        ),
+    );
+    p
+}
+
 /// A job for the reference and the matching DataArgs.
 fn case(name: &str, seed: u64, workers: usize) -> (Value, DataArgs) {
     let root = fixture();
@@ -146,6 +187,11 @@ fn case(name: &str, seed: u64, workers: usize) -> (Value, DataArgs) {
         }
         "b" => {
             let c = config_b(root);
+            args.dataset_config = Some(c.clone());
+            job["dataset_config"] = c.display().to_string().into();
+        }
+        "d" => {
+            let c = config_d(root);
             args.dataset_config = Some(c.clone());
             job["dataset_config"] = c.display().to_string().into();
         }
@@ -462,11 +508,16 @@ fn config_c_sd_scripts_folders_without_toml() {
     structure_and_order("c");
 }
 
+#[test]
+fn config_d_fine_tuning_metadata_and_dreambooth() {
+    structure_and_order("d");
+}
+
 /// Decoded, resized, cropped, flipped pixels of the first epoch against PIL/OpenCV.
 #[test]
 fn pixels_match_pil_and_opencv() {
     let mut worst = 0i32;
-    for name in ["a", "b", "c"] {
+    for name in ["a", "b", "c", "d"] {
         let (mut job, args) = case(name, 42, 0);
         job["epochs"] = 1.into();
         job["pixel_epochs"] = serde_json::json!([1]);
@@ -529,7 +580,7 @@ fn corrupt_image_is_reported_before_training() {
     write(
         &p,
         &format!(
-            "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{}/corrupt\"\n",
+            "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{}/corrupt\"\nclass_tokens = \"c\"\n",
             root.display()
         ),
     );

@@ -142,6 +142,43 @@ pub struct Dataset {
     pub seed: i128,
     /// Predefined bucket list (empty with bucket_no_upscale).
     pub predefined_resos: Vec<Reso>,
+    /// `tag_frequency`: per directory (or metadata file) base name, tag → count, in first-seen
+    /// order (for the LoRA metadata).
+    pub tag_frequency: Vec<(String, Vec<(String, usize)>)>,
+}
+
+/// `os.path.basename`.
+pub fn py_basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// `BaseDataset.set_tag_frequency(dir_name, captions)`: split on ",", strip, lower-case.
+fn set_tag_frequency(
+    tf: &mut Vec<(String, Vec<(String, usize)>)>,
+    dir_name: &str,
+    captions: &[String],
+) {
+    let idx = match tf.iter().position(|(d, _)| d == dir_name) {
+        Some(i) => i,
+        None => {
+            tf.push((dir_name.to_string(), vec![]));
+            tf.len() - 1
+        }
+    };
+    let freq = &mut tf[idx].1;
+    for c in captions {
+        for tag in c.split(',') {
+            let tag = super::image::py_strip(tag);
+            if tag.is_empty() {
+                continue;
+            }
+            let tag = tag.to_lowercase();
+            match freq.iter_mut().find(|(t, _)| *t == tag) {
+                Some(e) => e.1 += 1,
+                None => freq.push((tag, 1)),
+            }
+        }
+    }
 }
 
 impl Dataset {
@@ -382,6 +419,9 @@ impl Builder<'_> {
             }
             let dir = Path::new(&dir_s);
             let (img_paths, captions, sizes) = self.load_dreambooth_dir(sp, dir)?;
+            if dir.is_dir() {
+                set_tag_frequency(&mut ds.tag_frequency, py_basename(&dir_s), &captions);
+            }
             if img_paths.is_empty() {
                 log.warn(format!("ignore subset with image_dir='{dir_s}': no images found / 画像が見つからないためサブセットを無視します"));
                 continue;
@@ -544,9 +584,17 @@ impl Builder<'_> {
                         m.push(img.clone());
                     }
                     (None, None) => {
-                        log.warn(format!("neither caption file nor class tokens are found. use empty caption for {img} / キャプションファイルもclass tokenも見つかりませんでした。空のキャプションを使用します: {img}"));
-                        c.push(String::new());
-                        m.push(img.clone());
+                        // sd-scripts trains such an image with an empty caption after a
+                        // warning; almost always a wrong caption_extension or a forgotten
+                        // class_tokens, so we stop before training instead.
+                        let stem = splitext_stem(img);
+                        let ext = &sp.caption_extension;
+                        let other = [".txt", ".caption"]
+                            .iter()
+                            .find(|e| *e != ext && Path::new(&format!("{stem}{e}")).is_file())
+                            .map(|e| format!(" ({stem}{e} exists: set caption_extension = \"{e}\" or --caption_extension={e})"))
+                            .unwrap_or_default();
+                        bail!("{img}: neither caption file nor class tokens are found / キャプションファイルもclass tokenも見つかりませんでした: add {stem}{ext} or set class_tokens for this subset{other}");
                     }
                 }
             }
@@ -647,6 +695,7 @@ impl Builder<'_> {
             let mut order: Vec<usize> = (0..entries.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(entries[i].0.chars().count()));
             let mut from_md = 0;
+            let mut tags_list: Vec<String> = vec![];
             for i in order {
                 let (key, md) = &entries[i];
                 let abs = if Path::new(key).is_absolute() {
@@ -666,6 +715,7 @@ impl Builder<'_> {
                 if sp.enable_wildcard {
                     if let Some(t) = tags {
                         let t = t.replace('\n', &sp.caption_separator);
+                        tags_list.push(t.clone());
                         caption = caption
                             .split('\n')
                             .filter(|l| !l.trim().is_empty())
@@ -678,6 +728,7 @@ impl Builder<'_> {
                         caption.push_str(&sp.caption_separator);
                     }
                     caption.push_str(&t);
+                    tags_list.push(t);
                 }
                 let size = md
                     .get("image_size")
@@ -711,6 +762,7 @@ impl Builder<'_> {
                 ));
             }
             ds.num_train_images += entries.len() * sp.num_repeats as usize;
+            set_tag_frequency(&mut ds.tag_frequency, py_basename(&mf), &tags_list);
             ds.subsets.push(Subset {
                 params: sp.clone(),
                 img_count: entries.len(),
@@ -784,6 +836,7 @@ fn empty_dataset(bp: &DatasetBlueprint, reso: Reso, s: BucketSettings) -> Datase
         },
         seed: 0,
         predefined_resos: vec![],
+        tag_frequency: vec![],
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod image;
 pub mod loader;
 pub mod log;
+pub mod metadata;
 pub mod npz;
 pub mod pyrandom;
 
