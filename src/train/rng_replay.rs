@@ -263,7 +263,13 @@ fn normal(fills: &mut Vec<Fill>, name: &str, shape: Vec<i64>, std: f64) {
 
 fn sdscripts_resnet(fills: &mut Vec<Fill>, name: &str, cfg: &UNetConfig, in_c: i64, out_c: i64) {
     conv2d(fills, &format!("{name}.conv1"), in_c, out_c, 3);
-    linear(fills, &format!("{name}.time_emb_proj"), cfg.time_embed_dim(), out_c, true);
+    linear(
+        fills,
+        &format!("{name}.time_emb_proj"),
+        cfg.time_embed_dim(),
+        out_c,
+        true,
+    );
     conv2d(fills, &format!("{name}.conv2"), out_c, out_c, 3);
     if in_c != out_c {
         conv2d(fills, &format!("{name}.conv_shortcut"), in_c, out_c, 1);
@@ -296,9 +302,20 @@ fn sdscripts_transformer(
     let blk = format!("{name}.transformer_blocks.0");
     sdscripts_cross_attention(fills, &format!("{blk}.attn1"), inner, inner);
     let ff_inner = inner * 4;
-    linear(fills, &format!("{blk}.ff.net.0.proj"), inner, ff_inner * 2, true);
+    linear(
+        fills,
+        &format!("{blk}.ff.net.0.proj"),
+        inner,
+        ff_inner * 2,
+        true,
+    );
     linear(fills, &format!("{blk}.ff.net.2"), ff_inner, inner, true);
-    sdscripts_cross_attention(fills, &format!("{blk}.attn2"), inner, cfg.cross_attention_dim);
+    sdscripts_cross_attention(
+        fills,
+        &format!("{blk}.attn2"),
+        inner,
+        cfg.cross_attention_dim,
+    );
     if linear_proj {
         // original_unet builds it as Linear(in_channels, inner_dim).
         linear(fills, &format!("{name}.proj_out"), channels, inner, true);
@@ -330,7 +347,13 @@ fn sdscripts_unet(fills: &mut Vec<Fill>, cfg: &UNetConfig, linear_proj: bool) {
             }
         }
         if i != n - 1 {
-            conv2d(fills, &format!("{b}.downsamplers.0.conv"), output, output, 3);
+            conv2d(
+                fills,
+                &format!("{b}.downsamplers.0.conv"),
+                output,
+                output,
+                3,
+            );
         }
     }
 
@@ -339,7 +362,14 @@ fn sdscripts_unet(fills: &mut Vec<Fill>, cfg: &UNetConfig, linear_proj: bool) {
     sdscripts_resnet(fills, "unet.mid_block.resnets.0", cfg, c, c);
     sdscripts_resnet(fills, "unet.mid_block.resnets.1", cfg, c, c);
     let heads = cfg.num_heads[n - 1];
-    sdscripts_transformer(fills, "unet.mid_block.attentions.0", cfg, c, heads, linear_proj);
+    sdscripts_transformer(
+        fills,
+        "unet.mid_block.attentions.0",
+        cfg,
+        c,
+        heads,
+        linear_proj,
+    );
 
     let rev: Vec<i64> = boc.iter().rev().copied().collect();
     let rev_heads: Vec<i64> = cfg.num_heads.iter().rev().copied().collect();
@@ -353,7 +383,13 @@ fn sdscripts_unet(fills: &mut Vec<Fill>, cfg: &UNetConfig, linear_proj: bool) {
         for l in 0..layers_up {
             let skip = if l == layers_up - 1 { input } else { output };
             let res_in = if l == 0 { prev } else { output };
-            sdscripts_resnet(fills, &format!("{b}.resnets.{l}"), cfg, res_in + skip, output);
+            sdscripts_resnet(
+                fills,
+                &format!("{b}.resnets.{l}"),
+                cfg,
+                res_in + skip,
+                output,
+            );
             if *kind == BlockKind::CrossAttn {
                 let name = format!("{b}.attentions.{l}");
                 sdscripts_transformer(fills, &name, cfg, output, rev_heads[i], linear_proj);
@@ -395,12 +431,17 @@ fn diffusers_autoencoder_kl(fills: &mut Vec<Fill>, cfg: &VaeConfig, prefix: &str
     let e = format!("{prefix}.encoder");
     conv2d(fills, &format!("{e}.conv_in"), cfg.in_channels, boc[0], 3);
     let mut output = boc[0];
-    for i in 0..n {
+    for (i, &level) in boc.iter().enumerate() {
         let input = output;
-        output = boc[i];
+        output = level;
         for l in 0..cfg.layers_per_block {
             let in_c = if l == 0 { input } else { output };
-            diffusers_resnet(fills, &format!("{e}.down_blocks.{i}.resnets.{l}"), in_c, output);
+            diffusers_resnet(
+                fills,
+                &format!("{e}.down_blocks.{i}.resnets.{l}"),
+                in_c,
+                output,
+            );
         }
         if i != n - 1 {
             let name = format!("{e}.down_blocks.{i}.downsamplers.0.conv");
@@ -409,19 +450,36 @@ fn diffusers_autoencoder_kl(fills: &mut Vec<Fill>, cfg: &VaeConfig, prefix: &str
     }
     diffusers_vae_mid(fills, &format!("{e}.mid_block"), boc[n - 1]);
     // double_z: mean and logvar channels.
-    conv2d(fills, &format!("{e}.conv_out"), boc[n - 1], 2 * cfg.latent_channels, 3);
+    conv2d(
+        fills,
+        &format!("{e}.conv_out"),
+        boc[n - 1],
+        2 * cfg.latent_channels,
+        3,
+    );
 
     let d = format!("{prefix}.decoder");
-    conv2d(fills, &format!("{d}.conv_in"), cfg.latent_channels, boc[n - 1], 3);
+    conv2d(
+        fills,
+        &format!("{d}.conv_in"),
+        cfg.latent_channels,
+        boc[n - 1],
+        3,
+    );
     diffusers_vae_mid(fills, &format!("{d}.mid_block"), boc[n - 1]);
     let rev: Vec<i64> = boc.iter().rev().copied().collect();
     let mut output = rev[0];
-    for i in 0..n {
+    for (i, &level) in rev.iter().enumerate() {
         let prev = output;
-        output = rev[i];
+        output = level;
         for l in 0..cfg.layers_per_block + 1 {
             let in_c = if l == 0 { prev } else { output };
-            diffusers_resnet(fills, &format!("{d}.up_blocks.{i}.resnets.{l}"), in_c, output);
+            diffusers_resnet(
+                fills,
+                &format!("{d}.up_blocks.{i}.resnets.{l}"),
+                in_c,
+                output,
+            );
         }
         if i != n - 1 {
             let name = format!("{d}.up_blocks.{i}.upsamplers.0.conv");
@@ -457,8 +515,20 @@ fn transformers_clip_text(fills: &mut Vec<Fill>, cfg: &ClipTextConfig) {
         for p in ["k_proj", "v_proj", "q_proj", "out_proj"] {
             linear(fills, &format!("{l}.self_attn.{p}"), h, h, true);
         }
-        linear(fills, &format!("{l}.mlp.fc1"), h, cfg.intermediate_size, true);
-        linear(fills, &format!("{l}.mlp.fc2"), cfg.intermediate_size, h, true);
+        linear(
+            fills,
+            &format!("{l}.mlp.fc1"),
+            h,
+            cfg.intermediate_size,
+            true,
+        );
+        linear(
+            fills,
+            &format!("{l}.mlp.fc2"),
+            cfg.intermediate_size,
+            h,
+            true,
+        );
     }
 
     // post_init -> initialize_weights: smart_apply visits children before parents, so each
@@ -466,7 +536,12 @@ fn transformers_clip_text(fills: &mut Vec<Fill>, cfg: &ClipTextConfig) {
     // nothing: Linear biases are zeroed, LayerNorms filled). Stds as in `_init_weights`.
     let f = CLIP_INITIALIZER_FACTOR;
     normal(fills, &tok, vec![cfg.vocab_size, h], f * CLIP_EMBEDDING_STD);
-    normal(fills, &pos, vec![cfg.max_position_embeddings, h], f * CLIP_EMBEDDING_STD);
+    normal(
+        fills,
+        &pos,
+        vec![cfg.max_position_embeddings, h],
+        f * CLIP_EMBEDDING_STD,
+    );
     let layers = cfg.num_hidden_layers as f64;
     let in_proj_std = (h as f64).powf(-0.5) * (2.0 * layers).powf(-0.5) * f;
     let out_proj_std = (h as f64).powf(-0.5) * f;
@@ -474,12 +549,32 @@ fn transformers_clip_text(fills: &mut Vec<Fill>, cfg: &ClipTextConfig) {
     for i in 0..cfg.num_hidden_layers {
         let l = format!("{tm}.encoder.layers.{i}");
         for p in ["q_proj", "k_proj", "v_proj"] {
-            normal(fills, &format!("{l}.self_attn.{p}.weight"), vec![h, h], in_proj_std);
+            normal(
+                fills,
+                &format!("{l}.self_attn.{p}.weight"),
+                vec![h, h],
+                in_proj_std,
+            );
         }
-        normal(fills, &format!("{l}.self_attn.out_proj.weight"), vec![h, h], out_proj_std);
+        normal(
+            fills,
+            &format!("{l}.self_attn.out_proj.weight"),
+            vec![h, h],
+            out_proj_std,
+        );
         let inter = cfg.intermediate_size;
-        normal(fills, &format!("{l}.mlp.fc1.weight"), vec![inter, h], fc_std);
-        normal(fills, &format!("{l}.mlp.fc2.weight"), vec![h, inter], in_proj_std);
+        normal(
+            fills,
+            &format!("{l}.mlp.fc1.weight"),
+            vec![inter, h],
+            fc_std,
+        );
+        normal(
+            fills,
+            &format!("{l}.mlp.fc2.weight"),
+            vec![h, inter],
+            in_proj_std,
+        );
     }
 }
 
