@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 fn main() -> Result<()> {
     let mut threads = 1i32;
     let mut sizes = vec![1_000_000i64, 10_000_000];
-    let mut steps = 10usize;
+    let mut steps = 5usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));

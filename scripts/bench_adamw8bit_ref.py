@@ -12,7 +12,7 @@ import torch
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--sizes", default="1000000,10000000")
-ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--steps", type=int, default=5)
 here = os.path.dirname(os.path.abspath(__file__))
 ap.add_argument("--ref-dir", default=os.path.join(here, "..", "..", "shared", "ref"))
 a = ap.parse_args()

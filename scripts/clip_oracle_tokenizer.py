@@ -6,7 +6,10 @@ pad_token="!". Imported by make_tokenizer_fixture.py and make_clip_fixtures.py."
 import gzip
 import json
 import os
+import re
 import tempfile
+
+import ftfy
 
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
@@ -44,3 +47,13 @@ def load_tokenizers():
     assert got == CHECK_IDS, f"check vector mismatch: {got}"
     assert sd1.pad_token_id == 49407 and sd2.pad_token_id == 0
     return sd1, sd2
+
+
+def needs_fix_encoding(text):
+    """True if ftfy's mojibake repair (fix_encoding, not reproduced in Rust) changes what the
+    tokenizer cleans. The tokenizer runs ftfy on each piece between special tokens (and SD2's
+    `!`), so an entity unescaped there can form mojibake that the whole text would not show."""
+    for piece in re.split(r"<\|startoftext\|>|<\|endoftext\|>|!", text):
+        if ftfy.fix_text(piece) != ftfy.fix_text(piece, fix_encoding=False):
+            return True
+    return False

@@ -3,7 +3,7 @@
 targeting rules (spec: sdscripts_model_math.md §3.1-3.2) to the diffusers UNet and transformers
 CLIPTextModel module trees, in sd-scripts' module order, and writes the expected module list.
 
-    lora_module_list.py OUT.json [--init OUT.safetensors --seed N]
+    lora_module_list.py OUT.json [--init OUT.safetensors --seed N] [--shapes DIR]
 
 OUT.json: {"<case>": [{"name", "kind", "down", "up", "alpha", "alpha_dtype", "scale"}, ...]}
 for the cases sd1, sd1_conv, sd2, sd2_conv, tiny, tiny_conv ("_conv": network_args conv_dim=8,
@@ -165,11 +165,19 @@ def main():
     ap.add_argument("--init")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cases", default="sd1,sd2,tiny")
+    ap.add_argument("--shapes", help="also write {case}.unet.json / {case}.te.json: state_dict key -> shape")
     a = ap.parse_args()
     result = {}
     for case in a.cases.split(","):
         te, unet = build(case, "cpu" if case == "tiny" else "meta")
         result[case] = module_list(te, unet, None, None)
+        if a.shapes:
+            for part, model in (("unet", unet), ("te", te)):
+                shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+                with open(f"{a.shapes}/{case}.{part}.json", "w") as f:
+                    json.dump(shapes, f)
+            with open(f"{a.shapes}/{case}.unet_config.json", "w") as f:
+                json.dump(dict(unet.config), f)
         result[case + "_conv"] = module_list(te, unet, 8, 2.0)
         if case == "tiny" and a.init:
             from safetensors.torch import save_file

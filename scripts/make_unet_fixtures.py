@@ -120,6 +120,9 @@ def main():
         weights = {k: v.contiguous() for k, v in unet.state_dict().items()}
         save_file(weights, os.path.join(out, f"{model}.weights.safetensors"))
         del weights
+        # Only the LoRA targets need grads (full-size models would double their memory otherwise).
+        for name, p in unet.named_parameters():
+            p.requires_grad_(is_lora_target(name))
         ctx_dim = MODELS[model]["cross_attention_dim"]
         for case_idx, (case, cm, b, h, w, n_ctx, ts) in enumerate(CASES):
             if cm != model:

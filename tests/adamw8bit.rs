@@ -2,9 +2,11 @@
 //! (../shared/ref/adamw8bit_ref.{py,safetensors}, spec: ../shared/spec/adamw8bit.md), plus a
 //! 300-step regression against libtorch's 32-bit AdamW and save/restore continuation.
 use sdlora::train::optim::adamw8bit::{
-    dequantize_blockwise, dynamic_map, quantize_blockwise, AdamW8bit, AdamW8bitConfig, CodeMaps,
-    ParamGroup,
+    build, dequantize_blockwise, dynamic_map, quantize_blockwise, AdamW8bit, AdamW8bitConfig,
+    CodeMaps,
 };
+use sdlora::train::optim::common::{Optimizer, ParamGroup};
+use sdlora::train::optim::optimizer_args::parse_kwargs;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -329,19 +331,12 @@ fn save_and_resume_continue_identically() {
         .collect();
     let make = |ps: &[Tensor]| {
         let groups = vec![
-            ParamGroup {
-                name: "textencoder".into(),
-                params: vec![("te.a".into(), ps[0].shallow_clone())],
-                lr: Some(5e-4),
-            },
-            ParamGroup {
-                name: "unet".into(),
-                params: vec![
-                    ("unet.b".into(), ps[1].shallow_clone()),
-                    ("unet.c".into(), ps[2].shallow_clone()),
-                ],
-                lr: None,
-            },
+            ParamGroup::new("textencoder", vec![ps[0].shallow_clone()], 5e-4),
+            ParamGroup::new(
+                "unet",
+                vec![ps[1].shallow_clone(), ps[2].shallow_clone()],
+                1e-3,
+            ),
         ];
         AdamW8bit::new(groups, AdamW8bitConfig::default()).unwrap()
     };
@@ -387,24 +382,24 @@ fn save_and_resume_continue_identically() {
         assert_bits_eq(get(&sb, k), v, k);
     }
     // bnb layout: 8-bit codes with the parameter's shape, absmax per 256 elements.
-    assert_eq!(get(&sa, "state.te.a.state1").size(), vec![40, 130]);
-    assert_eq!(get(&sa, "state.te.a.state1").kind(), Kind::Uint8);
-    assert_eq!(get(&sa, "state.te.a.absmax2").size(), vec![21]);
-    assert_eq!(get(&sa, "state.unet.b.state1").kind(), Kind::Float);
+    assert_eq!(get(&sa, "state.0.state1").size(), vec![40, 130]);
+    assert_eq!(get(&sa, "state.0.state1").kind(), Kind::Uint8);
+    assert_eq!(get(&sa, "state.0.absmax2").size(), vec![21]);
+    assert_eq!(get(&sa, "state.1.state1").kind(), Kind::Float);
 
     // A state from another network is refused with the key named.
     let mut bad = opt.state_tensors();
-    bad.push(("state.unet.zzz.step".into(), Tensor::from_slice(&[1i64])));
+    bad.push(("state.3.step".into(), Tensor::from_slice(&[1i64])));
     let e = make(&ps).load_state_tensors(&bad).unwrap_err();
-    assert!(format!("{e:#}").contains("state.unet.zzz.step"), "{e:#}");
+    assert!(format!("{e:#}").contains("state.3.step"), "{e:#}");
     let mut bad = opt.state_tensors();
     for (k, t) in bad.iter_mut() {
-        if k == "state.unet.c.absmax1" {
+        if k == "state.2.absmax1" {
             *t = Tensor::zeros([3], (Kind::Float, Device::Cpu));
         }
     }
     let e = make(&ps).load_state_tensors(&bad).unwrap_err();
-    assert!(format!("{e:#}").contains("state.unet.c.absmax1"), "{e:#}");
+    assert!(format!("{e:#}").contains("state.2.absmax1"), "{e:#}");
 }
 
 #[test]
@@ -418,4 +413,42 @@ fn state_memory_is_about_2_03_bytes_per_parameter() {
     let per = bytes as f64 / params as f64;
     println!("1M-parameter tensor: {bytes} state bytes, {per:.5} B/param");
     assert_eq!(per, 2.0 + 8.0 / 256.0);
+}
+
+#[test]
+fn builds_from_optimizer_args_through_the_trainer_contract() {
+    let p = leaf(&Tensor::randn([64, 80], (Kind::Float, Device::Cpu)));
+    let kw = parse_kwargs(
+        &[
+            "betas=(0.8,0.95)".to_string(),
+            "weight_decay=0.1".to_string(),
+        ],
+        "--optimizer_args",
+    )
+    .unwrap();
+    let groups = vec![ParamGroup::new("unet", vec![p.shallow_clone()], 1e-4)];
+    let (mut opt, line): (Box<dyn Optimizer>, String) = build(&kw, groups, 1e-4).unwrap();
+    assert_eq!(
+        line,
+        "use 8-bit AdamW optimizer | {'betas': (0.8, 0.95), 'weight_decay': 0.1}"
+    );
+    assert_eq!(opt.class_name(), "bitsandbytes.optim.adamw.AdamW8bit");
+    assert_eq!((opt.num_groups(), opt.lr(0)), (1, 1e-4));
+    set_grad(&p, &Tensor::ones([64, 80], (Kind::Float, Device::Cpu)));
+    let before = p.detach().copy();
+    opt.set_lr(0, 1e-2);
+    opt.step().unwrap();
+    // first Adam step moves every weight by ~lr against the gradient's sign, then decays
+    let delta = (p.detach() - &before).mean(Kind::Float).double_value(&[]);
+    assert!((delta + 1e-2).abs() < 1e-4, "mean update {delta}");
+    let keys: Vec<String> = opt.state_tensors().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"state.0.absmax1".to_string()), "{keys:?}");
+    let e = build(
+        &parse_kwargs(&["momentum=0.9".to_string()], "--optimizer_args").unwrap(),
+        vec![],
+        1e-4,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{e:#}").contains("momentum"), "{e:#}");
 }

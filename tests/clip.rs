@@ -6,7 +6,10 @@ use sdlora::models::clip::ClipTextModel;
 use sdlora::models::config::ClipTextConfig;
 use sdlora::models::layers::{Container, LayerMut, VisitLayers};
 use sdlora::models::recompute::Tape;
-use sdlora::models::text::{encode_tokens, encode_tokens_with_tape, tokenize_captions};
+use sdlora::models::text::{
+    apply_token_weights, encode_tokens, encode_tokens_with_tape, parse_prompt_attention,
+    tokenize_captions, tokenize_captions_weighted,
+};
 use sdlora::models::tokenizer::ClipTokenizer;
 use sdlora::models::weights::WeightMap;
 use std::collections::HashMap;
@@ -163,6 +166,53 @@ fn tiny_eager_backend_matches_transformers() {
     assert!(e <= 1e-4, "Math backend max abs err {e}");
 }
 
+/// fp16 / bf16 weights (as with `--mixed_precision`) against transformers run in the same dtype.
+#[test]
+fn tiny_reduced_precision_matches_transformers() {
+    let _guard = tch::no_grad_guard();
+    let dir = tiny_dir();
+    let r = read(&dir.join("ref.safetensors"));
+    let path = dir.join("weights.safetensors");
+    for (kind, name, tol) in [(Kind::Half, "fp16", 2e-3), (Kind::BFloat16, "bf16", 1.6e-2)] {
+        let mut w = WeightMap::new(path.display().to_string(), Device::Cpu, kind);
+        for (k, t) in read(&path) {
+            w.insert(k, t);
+        }
+        let te = ClipTextModel::load(&mut w, &ClipTextConfig::tiny()).unwrap();
+        let last = te.forward(&r["input_ids"], None);
+        assert_eq!(last.kind(), kind);
+        let e1 = max_abs(
+            &last.to_kind(Kind::Float),
+            &r[&format!("last_hidden_{name}")],
+        );
+        let e2 = max_abs(
+            &te.forward(&r["input_ids"], Some(2)).to_kind(Kind::Float),
+            &r[&format!("skip2_{name}")],
+        );
+        let vs32 = max_abs(&last.to_kind(Kind::Float), &r["last_hidden"]);
+        println!("{name}: last_hidden max abs err {e1:.3e}, clip_skip=2 {e2:.3e} (vs fp32 reference {vs32:.3e})");
+        assert!(e1 <= tol && e2 <= tol, "{name}: {e1} {e2}");
+    }
+}
+
+#[test]
+fn config_json_errors_are_clear() {
+    let bad = serde_json::json!({"hidden_act": "relu"});
+    let msg = format!(
+        "{:#}",
+        ClipTextConfig::from_diffusers_json(&bad).unwrap_err()
+    );
+    assert!(msg.contains("hidden_act") && msg.contains("relu"), "{msg}");
+    let bad = serde_json::json!({"hidden_size": 30, "num_attention_heads": 4});
+    assert!(ClipTextConfig::from_diffusers_json(&bad).is_err());
+    let bad = serde_json::json!({"hidden_size": "768"});
+    let msg = format!(
+        "{:#}",
+        ClipTextConfig::from_diffusers_json(&bad).unwrap_err()
+    );
+    assert!(msg.contains("hidden_size"), "{msg}");
+}
+
 /// Per-layer recomputation (the Tape) gives the gradients of plain autograd, through the
 /// long-prompt path and clip_skip.
 #[test]
@@ -276,6 +326,86 @@ fn check_long_prompts(dir: &Path, te: &ClipTextModel, tol: f64) {
 fn tiny_long_prompts_match_sdscripts_rules() {
     let dir = tiny_dir();
     check_long_prompts(dir, &load_model(dir, &ClipTextConfig::tiny()), 1e-4);
+}
+
+/// `--weighted_captions`: ids, weights and weighted states as sd-scripts computes them.
+#[test]
+fn tiny_weighted_captions_match_sdscripts_rules() {
+    let _guard = tch::no_grad_guard();
+    let dir = tiny_dir();
+    let te = load_model(dir, &ClipTextConfig::tiny());
+    let r = read(&dir.join("ref.safetensors"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let caps: Vec<String> = meta["weighted_captions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let (sd1, sd2) = (ClipTokenizer::new(), ClipTokenizer::sd2());
+    let mut n = 0;
+    for case in meta["weighted_cases"].as_array().unwrap() {
+        let key = case["key"].as_str().unwrap();
+        let mtl = case["max_token_length"].as_u64().map(|m| m as usize);
+        let tok = if case["v2"].as_bool().unwrap() {
+            &sd2
+        } else {
+            &sd1
+        };
+        let (ids, w) = tokenize_captions_weighted(tok, &caps, mtl, Device::Cpu).unwrap();
+        assert!(ids.equal(&r[&format!("{key}.ids")]), "{key}: ids differ");
+        assert!(
+            w.equal(&r[&format!("{key}.weights")]),
+            "{key}: weights differ"
+        );
+        let clip_skip = case["clip_skip"].as_i64();
+        let got = apply_token_weights(&encode_tokens(&te, &ids, clip_skip), &w);
+        let e = max_abs(&got, &r[&format!("{key}.states")]);
+        println!("{key}: shape {:?}, max abs err {e:.3e}", got.size());
+        assert!(e <= 1e-4, "{key}: max abs err {e}");
+        n += 1;
+    }
+    assert_eq!(n, 6);
+}
+
+#[test]
+fn prompt_attention_parser_examples() {
+    // the examples of sd-scripts' parse_prompt_attention docstring
+    let p = |s: &str| parse_prompt_attention(s).unwrap();
+    assert_eq!(p("normal text"), vec![("normal text".to_string(), 1.0)]);
+    assert_eq!(
+        p("an (important) word"),
+        vec![
+            ("an ".to_string(), 1.0),
+            ("important".to_string(), 1.1),
+            (" word".to_string(), 1.0)
+        ]
+    );
+    assert_eq!(p("(unbalanced"), vec![("unbalanced".to_string(), 1.1)]);
+    assert_eq!(p("\\(literal\\]"), vec![("(literal]".to_string(), 1.0)]);
+    assert_eq!(
+        p("(unnecessary)(parens)"),
+        vec![("unnecessaryparens".to_string(), 1.1)]
+    );
+    let got = p("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).");
+    let want = [
+        ("a ", 1.0),
+        ("house", 1.5730000000000004),
+        (" ", 1.1),
+        ("on", 1.0),
+        (" a ", 1.1),
+        ("hill", 0.55),
+        (", sun, ", 1.1),
+        ("sky", 1.4641000000000006),
+        (".", 1.1),
+    ];
+    assert_eq!(got.len(), want.len());
+    for ((gs, gw), (ws, ww)) in got.iter().zip(want) {
+        assert_eq!(gs, ws);
+        assert_eq!(*gw, ww, "{ws}");
+    }
+    assert!(parse_prompt_attention("(x:1.2.3)").is_err());
 }
 
 #[test]

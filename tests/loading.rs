@@ -430,6 +430,15 @@ fn vae_override_sources() {
     assert!(e.contains("no VAE weights"), "{e}");
 }
 
+/// (user, system) CPU seconds of this process so far.
+fn cpu_secs() -> (f64, f64) {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (s(ru.ru_utime), s(ru.ru_stime))
+}
+
 fn vm_hwm_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     s.lines()
@@ -500,6 +509,7 @@ fn load_time_and_peak_rss() {
     };
     let size = std::fs::metadata(&path).unwrap().len();
     let before = vm_hwm_kib();
+    let cpu0 = cpu_secs();
     let t = std::time::Instant::now();
     let half = LoadOptions {
         unet_dtype: Kind::Half,
@@ -509,11 +519,14 @@ fn load_time_and_peak_rss() {
     };
     let ck = load_checkpoint(&path, &half).unwrap();
     let secs = t.elapsed().as_secs_f64();
+    let cpu1 = cpu_secs();
     let hwm = vm_hwm_kib();
     println!(
-        "loaded {} ({:.2} GB) in {secs:.2} s; VmHWM {:.2} GB (before load {:.2} GB) = {:.2}× file size; {} + {} + {} tensors",
+        "loaded {} ({:.2} GB) in {secs:.2} s wall, {:.2} s user + {:.2} s sys CPU; VmHWM {:.2} GB (before load {:.2} GB) = {:.2}× file size; {} + {} + {} tensors",
         path.display(),
         size as f64 / 1e9,
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1,
         hwm as f64 * 1024.0 / 1e9,
         before as f64 * 1024.0 / 1e9,
         hwm as f64 * 1024.0 / size as f64,

@@ -37,10 +37,6 @@ fn network(case: &str, o: &LoraOptions) -> (Skeleton, Skeleton, LoraNetwork) {
     (te, unet, net)
 }
 
-fn dtype_of(t: &Tensor) -> String {
-    sdlora::lora::file::dtype_name(t.kind())
-}
-
 #[test]
 fn module_lists_match_sd_scripts_rules() {
     let dir = scratch("module_lists");
@@ -65,43 +61,11 @@ fn module_lists_match_sd_scripts_rules() {
             };
             let exp = expected[&key].as_array().unwrap();
             let (te, unet, net) = network(case, &opts(conv));
-            let got: Vec<_> = net.all_modules().collect();
-            let names: Vec<&str> = got.iter().map(|m| m.name.as_str()).collect();
-            let exp_names: Vec<&str> = exp.iter().map(|e| e["name"].as_str().unwrap()).collect();
-            assert_eq!(names, exp_names, "{key}: module names/order differ");
-            for (m, e) in got.iter().zip(exp) {
-                let (d, u) = m.parameters();
-                let shape = |v: &serde_json::Value| -> Vec<i64> {
-                    v.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_i64().unwrap())
-                        .collect()
-                };
-                assert_eq!(d.size(), shape(&e["down"]), "{key} {}", m.name);
-                assert_eq!(u.size(), shape(&e["up"]), "{key} {}", m.name);
-                assert_eq!(m.scale, e["scale"].as_f64().unwrap(), "{key} {}", m.name);
-                let a = m.alpha();
-                assert_eq!(
-                    a.to_kind(Kind::Double).double_value(&[]),
-                    e["alpha"].as_f64().unwrap()
-                );
-                assert_eq!(
-                    dtype_of(&a),
-                    e["alpha_dtype"].as_str().unwrap(),
-                    "{key} {}",
-                    m.name
-                );
-            }
+            compare_with_oracle(&key, &net, exp);
             assert_eq!(
                 te.attached() + unet.attached(),
                 exp.len(),
                 "{key}: attached adapters"
-            );
-            eprintln!(
-                "{key}: {} text-encoder + {} UNet modules match",
-                net.text_encoder_loras.len(),
-                net.unet_loras.len()
             );
         }
     }
@@ -153,16 +117,6 @@ fn unet_only_consumes_rng_for_text_encoder_and_saves_unet_only() {
     let groups = only.param_groups(None, None, 1e-4);
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].name, "unet");
-}
-
-fn randomize_up(net: &LoraNetwork) {
-    for m in net.all_modules() {
-        let (_, mut u) = m.parameters();
-        tch::no_grad(|| {
-            let r = Tensor::randn_like(&u) * 0.1;
-            u.copy_(&r);
-        });
-    }
 }
 
 fn facts() -> TrainingFacts {
@@ -564,6 +518,9 @@ fn export_for_python() {
     let f = facts();
     let md = f.save_metadata(&f.start_metadata().unwrap(), 10, 1, 1_700_000_100.5);
     net.save(&out.join("sd1.safetensors"), None, &md).unwrap();
+    // and with no metadata at all: the hashes then see an empty "__metadata__" map, as in Python
+    net.save(&out.join("sd1_nometa.safetensors"), None, &BTreeMap::new())
+        .unwrap();
     // --scale_weight_norms: a network with large ups, before and after the regularization.
     tch::manual_seed(13);
     let (_, _, net) = network("tiny", &opts(true));
@@ -592,6 +549,35 @@ fn export_for_python() {
         serde_json::to_string(&(scaled, mean, max)).unwrap(),
     )
     .unwrap();
+    // Dropout RNG: one Linear module in training mode, 4 forwards after manual_seed(21).
+    let o = LoraOptions::from_args(
+        Some("networks.lora"),
+        None,
+        None,
+        Some(0.1),
+        &["rank_dropout=0.25".into(), "module_dropout=0.3".into()],
+        false,
+        false,
+    )
+    .unwrap();
+    let (_, _, net) = network("tiny", &o);
+    randomize_up(&net);
+    let m = &net.unet_loras[1];
+    let x = Tensor::randn([2, 5, m.in_dim], (Kind::Float, tch::Device::Cpu));
+    let (d, u) = m.parameters();
+    let mut t: Vec<(String, Tensor)> = vec![
+        ("x".into(), x.shallow_clone()),
+        ("down".into(), d.detach()),
+        ("up".into(), u.detach()),
+        ("scale".into(), Tensor::from(m.scale)),
+    ];
+    tch::manual_seed(21);
+    use sdlora::models::layers::Adapter;
+    for i in 0..4 {
+        t.push((format!("out{i}"), tch::no_grad(|| m.delta(&x))));
+    }
+    let buf = sdlora::lora::file::serialize(&t, &BTreeMap::new()).unwrap();
+    std::fs::write(out.join("dropout.safetensors"), buf).unwrap();
     // Python float repr check: values of every magnitude, the Python side compares str(x).
     let mut floats = vec![
         0.0,
@@ -625,4 +611,43 @@ fn export_for_python() {
         sdlora::lora::inspect::report(&LoraFile::load(&out.join("tiny_conv.safetensors")).unwrap()),
     )
     .unwrap();
+}
+
+#[test]
+fn gradients_reach_the_parameter_handles() {
+    // The optimizer holds the handles from parameters()/param_groups(); backward through the
+    // adapter must fill exactly their .grad().
+    let (_, _, net) = network("tiny", &opts(true));
+    randomize_up(&net);
+    use sdlora::models::layers::Adapter;
+    for m in [
+        &net.unet_loras[0],
+        net.unet_loras
+            .iter()
+            .find(|m| m.name.ends_with("resnets_0_conv1"))
+            .unwrap(),
+    ] {
+        let (d, u) = m.parameters();
+        let x = if d.dim() == 2 {
+            Tensor::randn([2, 3, m.in_dim], (Kind::Float, tch::Device::Cpu))
+        } else {
+            Tensor::randn([2, m.in_dim, 8, 8], (Kind::Float, tch::Device::Cpu))
+        };
+        m.delta(&x).square().sum(Kind::Float).backward();
+        // Same loss through detached copies of the weights.
+        let d2 = d.detach().copy().set_requires_grad(true);
+        let u2 = u.detach().copy().set_requires_grad(true);
+        let y = if d.dim() == 2 {
+            x.linear::<&Tensor>(&d2, None).linear::<&Tensor>(&u2, None)
+        } else {
+            x.conv2d::<&Tensor>(&d2, None, [1, 1], [1, 1], [1, 1], 1)
+                .conv2d::<&Tensor>(&u2, None, [1, 1], [0, 0], [1, 1], 1)
+        };
+        (y * m.scale).square().sum(Kind::Float).backward();
+        for (a, b) in [(&d, &d2), (&u, &u2)] {
+            let (ga, gb) = (a.grad(), b.grad());
+            let err = ((&ga - &gb).abs().max() / gb.abs().max()).double_value(&[]);
+            assert!(err < 1e-5, "{}: grad rel err {err}", m.name);
+        }
+    }
 }

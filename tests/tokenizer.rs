@@ -114,3 +114,53 @@ fn fix_encoding_gap_is_documented() {
         assert_ne!(sd1.encode(text), ids(&c["sd1"]), "{text:?} now matches");
     }
 }
+
+/// Seeded random strings (scripts/fuzz_clip_tokenizer.py, run with SDLORA_PYTHON) must tokenize
+/// exactly as transformers does.
+#[test]
+fn random_strings_match_transformers() {
+    let python = std::env::var("SDLORA_PYTHON")
+        .unwrap_or_else(|_| "/root/.cache/sdlora/venv/bin/python".to_string());
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("clip_tokenizer_fuzz.json");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/fuzz_clip_tokenizer.py"
+    );
+    let st = std::process::Command::new(python)
+        .arg(script)
+        // SDLORA_TOKENIZER_FUZZ="SEED COUNT" for a bigger run
+        .args(
+            std::env::var("SDLORA_TOKENIZER_FUZZ")
+                .unwrap_or_else(|_| "7 3000".to_string())
+                .split_whitespace(),
+        )
+        .arg(&out)
+        .output()
+        .expect("run fuzz_clip_tokenizer.py (set SDLORA_PYTHON)");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let (sd1, sd2) = (ClipTokenizer::new(), ClipTokenizer::sd2());
+    let cases = v["cases"].as_array().unwrap();
+    let mut bad = Vec::new();
+    for c in cases {
+        let t = c["text"].as_str().unwrap();
+        if sd1.encode(t) != ids(&c["sd1"]) || sd2.encode(t) != ids(&c["sd2"]) {
+            bad.push(format!("{t:?}"));
+        }
+    }
+    println!(
+        "{} random strings x 2 tokenizers, {} differ",
+        cases.len(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} differ, e.g. {}",
+        bad.len(),
+        bad[..bad.len().min(5)].join(", ")
+    );
+}

@@ -216,10 +216,31 @@ pub fn image_size(path: &Path) -> Result<(i64, i64)> {
 }
 
 /// `TU:load_image(path, alpha=False)`: decode by content (not extension) and convert to RGB;
-/// alpha is dropped without compositing, greyscale replicated, palette expanded.
+/// alpha is dropped without compositing, greyscale replicated, palette expanded. JPEG goes
+/// through libjpeg-turbo's decoder (as PIL's does) so pixels are identical.
 pub fn load_image_rgb(path: &Path) -> Result<Image8> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let generic = decode_generic(&bytes, path)?;
+    if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        if let Some(img) = decode_jpeg_libjpeg(&bytes) {
+            if img.w == generic.w && img.h == generic.h {
+                return Ok(img);
+            }
+        }
+    }
+    Ok(generic)
+}
+
+/// Full decode with the `image` crate: also the corruption check every file goes through.
+pub fn check_image(path: &Path) -> Result<()> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_generic(&bytes, path).map(|_| ())
+}
+
+fn decode_generic(bytes: &[u8], path: &Path) -> Result<Image8> {
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?
         .decode()
@@ -248,6 +269,29 @@ pub fn load_image_rgb(path: &Path) -> Result<Image8> {
         c: 3,
         data: rgb.into_raw(),
     })
+}
+
+/// libjpeg(-turbo) decode to RGB with its defaults (islow IDCT, fancy upsampling), as PIL.
+/// None for anything it cannot do (e.g. CMYK); the caller then keeps the generic decode.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<Image8> {
+    std::panic::catch_unwind(|| -> Option<Image8> {
+        let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        if !matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_YCbCr
+                | mozjpeg::ColorSpace::JCS_GRAYSCALE
+                | mozjpeg::ColorSpace::JCS_RGB
+        ) {
+            return None;
+        }
+        let mut s = d.rgb().ok()?;
+        let (w, h) = (s.width(), s.height());
+        let data: Vec<u8> = s.read_scanlines::<u8>().ok()?;
+        s.finish().ok()?;
+        (data.len() == w * h * 3).then_some(Image8 { w, h, c: 3, data })
+    })
+    .ok()
+    .flatten()
 }
 
 /// The interpolation sd-scripts resolves for a resize (`UT:resize_image`).

@@ -742,7 +742,7 @@ pub fn verify_images(group: &DatasetGroup, progress: bool) -> Result<()> {
                 if i >= paths.len() {
                     break;
                 }
-                if let Err(e) = load_image_rgb(&paths[i]) {
+                if let Err(e) = super::image::check_image(&paths[i]) {
                     let mut fe = first_err.lock().unwrap();
                     if fe.as_ref().is_none_or(|(j, _)| i < *j) {
                         *fe = Some((i, format!("{e:#}")));

@@ -12,6 +12,7 @@ pub enum NpyData {
     F16(Vec<u16>),
     I64(Vec<i64>),
     I32(Vec<i32>),
+    U8(Vec<u8>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -36,6 +37,7 @@ impl NpyArray {
             NpyData::F16(v) => v.iter().map(|&h| f16_to_f32(h)).collect(),
             NpyData::I64(v) => v.iter().map(|&x| x as f32).collect(),
             NpyData::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            NpyData::U8(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -55,6 +57,7 @@ impl NpyArray {
             NpyData::F16(_) => "<f2",
             NpyData::I64(_) => "<i8",
             NpyData::I32(_) => "<i4",
+            NpyData::U8(_) => "|u1",
         }
     }
 
@@ -99,6 +102,7 @@ impl NpyArray {
             NpyData::I32(v) => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            NpyData::U8(v) => out.extend_from_slice(v),
         }
         out
     }
@@ -182,6 +186,7 @@ impl NpyArray {
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
                     .collect(),
             ),
+            "|u1" => NpyData::U8(need(1)?.to_vec()),
             other => bail!("{what}: unsupported dtype {other}"),
         };
         Ok(NpyArray { shape, data })

@@ -172,16 +172,14 @@ pub fn serialize(
         .iter()
         .map(|(k, t)| Ok((k.clone(), Bytes::from_tensor(t).with_context(|| k.clone())?)))
         .collect::<Result<_>>()?;
-    let md: Option<HashMap<String, String>> = if metadata.is_empty() {
-        None
-    } else {
-        Some(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
-    };
+    // Always a (possibly empty) metadata map, as Python's `safetensors.torch.save(t, {})` passes
+    // one: an empty map still writes `"__metadata__":{}`, which shifts the legacy hash window.
+    let md: Option<HashMap<String, String>> = Some(
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
     safetensors::serialize(bytes.iter().map(|(k, b)| (k.as_str(), b)), &md)
         .map_err(|e| anyhow!("serializing safetensors: {e:?}"))
 }

@@ -173,14 +173,9 @@ impl LoraOptions {
     }
 }
 
-/// One optimizer parameter group (sd-scripts `prepare_optimizer_params`).
-#[derive(Debug)]
-pub struct ParamGroup {
-    /// "textencoder", "textencoder plus", "unet", "unet plus" (sd-scripts' lr descriptions).
-    pub name: String,
-    pub lr: f64,
-    pub params: Vec<Tensor>,
-}
+/// One optimizer parameter group, the optimizers' own type; `name` is sd-scripts' lr
+/// description ("textencoder", "textencoder plus", "unet", "unet plus").
+pub use crate::train::optim::common::ParamGroup;
 
 /// What `load_weights` did, like torch's `load_state_dict(strict=False)` report.
 #[derive(Debug, Default, Clone)]
@@ -621,11 +616,7 @@ impl LoraNetwork {
                     eprintln!("NO LR skipping!");
                     continue;
                 }
-                groups.push(ParamGroup {
-                    name: format!("{desc}{suffix}"),
-                    lr: group_lr,
-                    params,
-                });
+                groups.push(ParamGroup::new(format!("{desc}{suffix}"), params, group_lr));
             }
         };
         let o = &self.opts;

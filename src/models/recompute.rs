@@ -9,6 +9,13 @@
 //! trainable leaves inside, e.g. LoRA weights), and the inputs' gradients are pushed into the
 //! outer graph. Afterwards every leaf holds the gradient plain `loss.backward()` would give.
 //!
+//! Random draws inside a segment (LoRA dropout) would differ between the no-grad forward and the
+//! recomputation, giving gradients of a different mask than the forward used. tch cannot save and
+//! restore generator states, so a tape made with [`Tape::with_rng_replay`] instead reseeds the
+//! generators (CPU and CUDA) with a seed drawn per segment, before the segment in the forward and
+//! again before its recomputation. This changes the random stream after each segment (still
+//! deterministic for a given seed), so it is opt-in: only for adapters that draw random numbers.
+//!
 //! One tape can span several models (text encoder then UNet): entries are processed in exact
 //! reverse registration order, so a tensor crossing from one model to the next is fully
 //! back-propagated before the segments that produced it are recomputed.
@@ -25,6 +32,8 @@ enum Entry<'a> {
         inputs: Vec<Tensor>,
         output: Tensor,
         autocast: bool,
+        /// Seed the segment ran under (RNG replay only).
+        seed: Option<i64>,
         f: SegmentFn<'a>,
     },
     /// A tensor shared by many segments (text conditioning, time embedding) replaced by one leaf,
@@ -37,6 +46,12 @@ enum Entry<'a> {
 #[derive(Default)]
 pub struct Tape<'a> {
     entries: RefCell<Vec<Entry<'a>>>,
+    rng_replay: bool,
+}
+
+/// A seed drawn from the global CPU generator.
+fn draw_seed() -> i64 {
+    tch::no_grad(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]))
 }
 
 fn grad_enabled() -> bool {
@@ -95,6 +110,15 @@ impl<'a> Tape<'a> {
         Self::default()
     }
 
+    /// A tape whose segments see the same random numbers in the recomputation as in the forward
+    /// (see the module docs); use when adapters apply dropout.
+    pub fn with_rng_replay() -> Self {
+        Tape {
+            entries: RefCell::default(),
+            rng_replay: true,
+        }
+    }
+
     /// Number of recorded entries (segments and aliases).
     pub fn len(&self) -> usize {
         self.entries.borrow().len()
@@ -112,6 +136,10 @@ impl<'a> Tape<'a> {
         if !grad_enabled() {
             return f(&owned);
         }
+        let seed = self.rng_replay.then(draw_seed);
+        if let Some(s) = seed {
+            tch::manual_seed(s);
+        }
         let out = tch::no_grad(|| f(&owned));
         let output = out.detach().set_requires_grad(true);
         let autocast = autocast_enabled(out.device());
@@ -119,6 +147,7 @@ impl<'a> Tape<'a> {
             inputs: owned,
             output: output.shallow_clone(),
             autocast,
+            seed,
             f: Box::new(f),
         });
         output
@@ -143,6 +172,9 @@ impl<'a> Tape<'a> {
     /// every leaf's .grad equals that of `loss.backward()` without checkpointing. Empties the tape.
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
         backward_retain(loss)?;
+        // Reseeding for replay would leave the generators at the first segment's stream; continue
+        // afterwards from a seed drawn now instead.
+        let resume = self.rng_replay.then(draw_seed);
         let entries = std::mem::take(&mut *self.entries.borrow_mut());
         for entry in entries.into_iter().rev() {
             match entry {
@@ -156,6 +188,7 @@ impl<'a> Tape<'a> {
                     inputs,
                     output,
                     autocast,
+                    seed,
                     f,
                 } => {
                     let g = output.grad();
@@ -167,6 +200,9 @@ impl<'a> Tape<'a> {
                         .iter()
                         .map(|x| x.detach().set_requires_grad(x.requires_grad()))
                         .collect();
+                    if let Some(s) = seed {
+                        tch::manual_seed(s);
+                    }
                     let y = tch::with_grad(|| tch::autocast(autocast, || f(&detached)));
                     if !y.requires_grad() {
                         continue;
@@ -185,6 +221,9 @@ impl<'a> Tape<'a> {
                     }
                 }
             }
+        }
+        if let Some(s) = resume {
+            tch::manual_seed(s);
         }
         Ok(())
     }
@@ -292,6 +331,39 @@ mod tests {
             let e = rel_err(&p.grad(), g);
             assert!(e < 1e-6, "relative grad error {e}");
         }
+    }
+
+    /// A dropout segment: loss = w · Σ(dropout(x)·c) is linear in the scalar leaf w, so the true
+    /// gradient is loss / w. With RNG replay the recomputation sees the forward's mask.
+    #[test]
+    fn rng_replay_reuses_dropout_masks() {
+        let opts = (Kind::Float, Device::Cpu);
+        tch::manual_seed(3);
+        let x = Tensor::randn([1000], opts);
+        let c = Tensor::randn([1000], opts);
+        let w = Tensor::from_slice(&[1.5f32]).set_requires_grad(true);
+        let mut mismatch = 0.0;
+        for replay in [true, false] {
+            let tape = if replay {
+                Tape::with_rng_replay()
+            } else {
+                Tape::new()
+            };
+            let y = tape.checkpoint(&[&x], |xs: &[Tensor]| xs[0].dropout(0.5, true) * &w);
+            let loss = (y * &c).sum(Kind::Float);
+            tape.backward(&loss).unwrap();
+            let g = w.grad().double_value(&[0]);
+            let expected = loss.double_value(&[]) / 1.5;
+            let e = (g - expected).abs() / expected.abs();
+            if replay {
+                assert!(e < 1e-5, "replayed dropout mask differs: {g} vs {expected}");
+            } else {
+                mismatch = e;
+            }
+            let _ = w.grad().zero_();
+        }
+        // Without replay the masks differ: the test above would catch a replay that did nothing.
+        assert!(mismatch > 1e-3, "{mismatch}");
     }
 
     #[test]

@@ -7,15 +7,21 @@
 //! 1. split the raw text on the added (special) tokens: `<|startoftext|>`, `<|endoftext|>`, and
 //!    for the SD2 tokenizer its pad token `!` (it is registered as a special token there, so
 //!    `hello!` is `hello</w>` + id 0 with SD2 but `hello</w>` + `!</w>` (256) with SD1);
-//! 2. each other piece: `ftfy.fix_text` (see [`fix_text`]), whitespace runs → one space, strip,
+//! 2. each other piece: `ftfy.fix_text` (below), whitespace runs → one space, strip,
 //!    lower-case;
 //! 3. the CLIP pre-tokenizer regex, UTF-8 bytes → byte symbols, BPE over the 48894 merges.
 //!
-//! Not reproduced from ftfy: `fix_encoding` (mojibake repair such as `Ã©` → `é`, and its
-//! sub-steps restore_byte_a0 / replace_lossy_sequences / decode_inconsistent_utf8). Text that
-//! ftfy would re-decode keeps its characters here. Unicode tables: NFC and `\p{L}`/`\p{N}` come
-//! from the `unicode-normalization` and `regex` crates (Unicode 16) while Python 3.11 uses
-//! Unicode 14 for NFC; only characters assigned after Unicode 14 can differ.
+//! Reproduced from ftfy 6.3 `fix_text` (default config), from tables dumped by
+//! `scripts/make_clip_vocab.py`: HTML entity/numeric-reference unescaping (off from the first
+//! line containing `<`), C1 controls read as Windows-1252, Latin ligatures, full/half-width
+//! forms, curly quotes, line breaks, ANSI escapes, control characters, NFC — repeated until
+//! nothing changes, per line, as ftfy does.
+//!
+//! Not reproduced: ftfy's `fix_encoding` (mojibake repair such as `Ã©` → `é`, with its sub-steps
+//! restore_byte_a0 / replace_lossy_sequences / decode_inconsistent_utf8): such text keeps its
+//! characters here. Unicode tables: `\p{L}`/`\p{N}` come from the `regex` crate (Unicode 16)
+//! while Python's `regex` module ships newer tables, so code points assigned after Unicode 16
+//! can split differently; NFC comes from `unicode-normalization` (Python 3.11: Unicode 14).
 use flate2::read::GzDecoder;
 use regex::Regex;
 use std::collections::HashMap;

@@ -3,6 +3,7 @@
 //! resnets.0.norm1.weight`, `encoder.mid_block.attentions.0.to_q.weight`, `quant_conv.weight`,
 //! `decoder.up_blocks.…`), so a [`WeightMap`] from any loader plugs in unchanged.
 //! spec: sdscripts_model_math.md §1.3
+use super::attention::{attention, AttentionBackend, AttentionOptions};
 use super::config::VaeConfig;
 use super::layers::{Conv2d, Linear};
 use super::nn::{key, GroupNorm};
@@ -190,21 +191,17 @@ impl SpatialSelfAttention {
             .forward(x)
             .view([b, c, h * w])
             .transpose(1, 2);
-        // One head of width C: Diffusers' default processor calls SDPA with scale C^-0.5; the
-        // libtorch kernel here is the same one.
+        // One head of width C, scale C^-0.5: Diffusers' default processor is SDPA (sd-scripts
+        // leaves the VAE on it; spec §1.3, §7).
         let q = self.to_q.forward(&t).unsqueeze(1);
         let k = self.to_k.forward(&t).unsqueeze(1);
         let v = self.to_v.forward(&t).unsqueeze(1);
-        let scale = (c as f64).powf(-0.5);
-        let a = Tensor::scaled_dot_product_attention(
+        let a = attention(
             &q,
             &k,
             &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            scale,
-            false,
+            AttentionBackend::Sdpa,
+            AttentionOptions::default(),
         )
         .squeeze_dim(1);
         let out = self.to_out.forward(&a);

@@ -3,6 +3,7 @@
 //! exposing its layers through `VisitLayers` in sd-scripts' `named_modules()` order. It stands in
 //! for the real models until they are merged, and writes/reads tensors for the Python oracle.
 #![allow(dead_code)]
+use sdlora::lora::LoraNetwork;
 use sdlora::models::config::{BlockKind, ClipTextConfig, UNetConfig};
 use sdlora::models::layers::{Container, Conv2d, LayerInfo, LayerMut, Linear, VisitLayers};
 use std::path::PathBuf;
@@ -229,4 +230,59 @@ pub fn run_python(args: &[&str]) {
         "python {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+pub fn dtype_of(t: &Tensor) -> String {
+    sdlora::lora::file::dtype_name(t.kind())
+}
+
+/// Asserts the network's modules (order, names, down/up shapes, scale, alpha value and dtype)
+/// equal the oracle's list for one case of scripts/lora_module_list.py.
+pub fn compare_with_oracle(key: &str, net: &LoraNetwork, exp: &[serde_json::Value]) {
+    let got: Vec<_> = net.all_modules().collect();
+    let names: Vec<&str> = got.iter().map(|m| m.name.as_str()).collect();
+    let exp_names: Vec<&str> = exp.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, exp_names, "{key}: module names/order differ");
+    let shape = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    for (m, e) in got.iter().zip(exp) {
+        let (d, u) = m.parameters();
+        assert_eq!(d.size(), shape(&e["down"]), "{key} {}", m.name);
+        assert_eq!(u.size(), shape(&e["up"]), "{key} {}", m.name);
+        assert_eq!(m.scale, e["scale"].as_f64().unwrap(), "{key} {}", m.name);
+        let a = m.alpha();
+        assert_eq!(
+            a.to_kind(Kind::Double).double_value(&[]),
+            e["alpha"].as_f64().unwrap(),
+            "{key} {}",
+            m.name
+        );
+        assert_eq!(
+            dtype_of(&a),
+            e["alpha_dtype"].as_str().unwrap(),
+            "{key} {}",
+            m.name
+        );
+    }
+    eprintln!(
+        "{key}: {} text-encoder + {} UNet modules match the oracle",
+        net.text_encoder_loras.len(),
+        net.unet_loras.len()
+    );
+}
+
+/// Random lora_up (randn·0.1) so the LoRA has an effect.
+pub fn randomize_up(net: &LoraNetwork) {
+    for m in net.all_modules() {
+        let (_, mut u) = m.parameters();
+        tch::no_grad(|| {
+            let r = Tensor::randn_like(&u) * 0.1;
+            u.copy_(&r);
+        });
+    }
 }

@@ -110,7 +110,7 @@ def test_diffusers_loads_with_exact_deltas(files, name):
 
 
 def test_sshs_hashes_match_sd_scripts_algorithm(files):
-    for name in ["sd1", "tiny", "tiny_fp16"]:
+    for name in ["sd1", "sd1_nometa", "tiny", "tiny_fp16", "maxnorm_before"]:
         path = files / f"{name}.safetensors"
         with safe_open(path, "pt") as f:
             md = f.metadata()
@@ -226,3 +226,25 @@ def test_inspect_reads_other_trainers_files_and_rejects_non_loras(files, tmp_pat
         save_file(tensors, tmp_path / name)
         r = sdlora("inspect", str(tmp_path / name))
         assert r.returncode != 0 and word in r.stderr, (name, r.stderr)
+
+
+def test_dropouts_draw_like_sd_scripts(files):
+    """LoRAModule.forward in training (sd-scripts): module dropout torch.rand(1) < p skips the
+    module, F.dropout on the rank activations, rank dropout mask rand(B, r) > p with scale/(1-p)."""
+    t = load_file(files / "dropout.safetensors")
+    x, down, up, scale = t["x"], t["down"], t["up"], t["scale"].item()
+    torch.manual_seed(21)
+    skipped = 0
+    for i in range(4):
+        if torch.rand(1) < 0.3:
+            want = torch.zeros_like(t[f"out{i}"])
+            skipped += 1
+        else:
+            lx = torch.nn.functional.linear(x, down)
+            lx = torch.nn.functional.dropout(lx, p=0.1)
+            mask = torch.rand((lx.size(0), down.shape[0])) > 0.25
+            lx = lx * mask.unsqueeze(1)
+            s = scale * (1.0 / (1.0 - 0.25))
+            want = torch.nn.functional.linear(lx, up) * 1.0 * s
+        torch.testing.assert_close(t[f"out{i}"], want, rtol=1e-6, atol=1e-7, msg=f"forward {i}")
+    assert 0 < skipped < 4, "pick a seed that exercises both branches"

@@ -7,7 +7,9 @@
 //! CPU and CUDA alike. The op order of each floating-point expression follows the kernel (and the
 //! Python reference `adamw8bit_ref.py`) one rounding at a time, which is what makes the stored
 //! codes bit-exact.
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use super::common::{Optimizer, ParamGroup};
+use super::optimizer_args::{kwargs_repr, parse_kwargs, PyValue};
+use anyhow::{anyhow, bail, ensure, Result};
 use std::collections::{HashMap, HashSet};
 use tch::{Device, Kind, Tensor};
 
@@ -79,205 +81,48 @@ impl AdamW8bitConfig {
 // --optimizer_args parsing
 // ---------------------------------------------------------------------------------------------
 
-/// A Python literal as `ast.literal_eval` yields it, restricted to what optimizer args use.
-#[derive(Debug, Clone, PartialEq)]
-enum PyLit {
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-    None,
-    Str(String),
-    Seq(Vec<PyLit>),
-}
-
-impl PyLit {
-    fn as_f64(&self) -> Option<f64> {
-        match self {
-            PyLit::Int(i) => Some(*i as f64),
-            PyLit::Float(f) => Some(*f),
-            PyLit::Bool(b) => Some(f64::from(u8::from(*b))),
-            _ => None,
-        }
-    }
-}
-
-struct LitParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl LitParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    /// Top level: a bare comma-separated sequence is a tuple, as in Python.
-    fn top(&mut self) -> Result<PyLit> {
-        let first = self.item()?;
-        self.ws();
-        if self.i < self.s.len() && self.s[self.i] == b',' {
-            let mut items = vec![first];
-            while self.i < self.s.len() && self.s[self.i] == b',' {
-                self.i += 1;
-                self.ws();
-                if self.i == self.s.len() {
-                    break;
-                }
-                items.push(self.item()?);
-                self.ws();
-            }
-            return Ok(PyLit::Seq(items));
-        }
-        Ok(first)
-    }
-
-    fn item(&mut self) -> Result<PyLit> {
-        self.ws();
-        let Some(&c) = self.s.get(self.i) else {
-            bail!("unexpected end of value");
-        };
-        match c {
-            b'(' | b'[' => {
-                let close = if c == b'(' { b')' } else { b']' };
-                self.i += 1;
-                let mut items = Vec::new();
-                let mut trailing_comma = false;
-                loop {
-                    self.ws();
-                    if self.s.get(self.i) == Some(&close) {
-                        self.i += 1;
-                        break;
-                    }
-                    items.push(self.item()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => {
-                            self.i += 1;
-                            trailing_comma = true;
-                        }
-                        Some(&x) if x == close => {
-                            trailing_comma = false;
-                        }
-                        _ => bail!("expected ',' or '{}' at offset {}", close as char, self.i),
-                    }
-                }
-                // `(x)` is just x in Python; `(x,)` is a tuple.
-                if c == b'(' && items.len() == 1 && !trailing_comma {
-                    return Ok(items.pop().expect("one item"));
-                }
-                Ok(PyLit::Seq(items))
-            }
-            b'\'' | b'"' => {
-                let start = self.i + 1;
-                let end = self.s[start..]
-                    .iter()
-                    .position(|&x| x == c)
-                    .ok_or_else(|| anyhow!("unterminated string"))?;
-                self.i = start + end + 1;
-                Ok(PyLit::Str(
-                    String::from_utf8_lossy(&self.s[start..start + end]).into_owned(),
-                ))
-            }
-            _ => {
-                let start = self.i;
-                while self.i < self.s.len()
-                    && !matches!(self.s[self.i], b',' | b')' | b']')
-                    && !self.s[self.i].is_ascii_whitespace()
-                {
-                    self.i += 1;
-                }
-                let tok = std::str::from_utf8(&self.s[start..self.i])?;
-                match tok {
-                    "True" => return Ok(PyLit::Bool(true)),
-                    "False" => return Ok(PyLit::Bool(false)),
-                    "None" => return Ok(PyLit::None),
-                    _ => {}
-                }
-                let clean = tok.replace('_', "");
-                let looks_numeric = clean
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'));
-                if looks_numeric && !clean.is_empty() {
-                    if let Ok(i) = clean.parse::<i64>() {
-                        return Ok(PyLit::Int(i));
-                    }
-                    if let Ok(f) = clean.parse::<f64>() {
-                        return Ok(PyLit::Float(f));
-                    }
-                }
-                bail!("'{tok}' is not a Python literal")
-            }
-        }
-    }
-}
-
-fn parse_py_literal(v: &str) -> Result<PyLit> {
-    let mut p = LitParser {
-        s: v.trim().as_bytes(),
-        i: 0,
-    };
-    let lit = p.top()?;
-    p.ws();
-    ensure!(
-        p.i == p.s.len(),
-        "unexpected text after the value at offset {}",
-        p.i
-    );
-    Ok(lit)
-}
-
 /// Parses sd-scripts' `--optimizer_args` (`key=value` strings, values are Python literals, e.g.
 /// `betas=0.9,0.99`, `betas=(0.9,0.99)`, `weight_decay=1e-2`) into a config with bnb's defaults
 /// for everything not given. `lr` stays the default: the caller sets it from `--learning_rate`.
 pub fn parse_optimizer_args(args: &[String]) -> Result<AdamW8bitConfig> {
+    config_from_kwargs(&parse_kwargs(args, "--optimizer_args")?)
+}
+
+/// The AdamW8bit hyper-parameters from already parsed `--optimizer_args`; an unknown key or a
+/// value bnb's blockwise AdamW8bit would not compute with is an error naming the key.
+pub fn config_from_kwargs(kwargs: &[(String, PyValue)]) -> Result<AdamW8bitConfig> {
     let mut cfg = AdamW8bitConfig::default();
-    for arg in args {
-        let ctx = || format!("--optimizer_args '{arg}' for AdamW8bit");
-        let (key, value) = arg
-            .split_once('=')
-            .ok_or_else(|| anyhow!("expected key=value"))
-            .with_context(ctx)?;
-        // sd-scripts does `key, value = arg.split("=")`, which fails on a second '='.
-        ensure!(
-            !value.contains('='),
-            "{}: more than one '=' (sd-scripts splits on every '=')",
-            ctx()
-        );
-        let key = key.trim();
-        let lit = parse_py_literal(value).with_context(ctx)?;
-        let num = |lit: &PyLit| {
+    for (key, lit) in kwargs {
+        let ctx = || format!("--optimizer_args {key}={} for AdamW8bit", lit.repr());
+        let num = |lit: &PyValue| {
             lit.as_f64()
-                .ok_or_else(|| anyhow!("{}: expected a number, got {lit:?}", ctx()))
+                .ok_or_else(|| anyhow!("{}: expected a number", ctx()))
         };
-        match key {
-            "betas" => match &lit {
-                PyLit::Seq(items) if items.len() == 2 => {
-                    cfg.betas = (num(&items[0])?, num(&items[1])?);
-                }
+        match key.as_str() {
+            "betas" => match lit.as_seq() {
+                Some([b1, b2]) => cfg.betas = (num(b1)?, num(b2)?),
                 _ => bail!("{}: betas needs two numbers, e.g. betas=0.9,0.999", ctx()),
             },
-            "eps" => cfg.eps = num(&lit)?,
-            "weight_decay" => cfg.weight_decay = num(&lit)?,
+            "eps" => cfg.eps = num(lit)?,
+            "weight_decay" => cfg.weight_decay = num(lit)?,
             "min_8bit_size" => match lit {
-                PyLit::Int(i) => cfg.min_8bit_size = i,
+                PyValue::Int(i) => cfg.min_8bit_size = *i,
                 _ => bail!("{}: min_8bit_size must be an integer", ctx()),
             },
             // Accepted with the only value bnb's blockwise AdamW8bit computes with, so configs
             // written for bitsandbytes keep working; anything else would change the maths.
             "amsgrad" => ensure!(
-                lit == PyLit::Bool(false),
+                !lit.truthy(),
                 "{}: amsgrad=True is not supported by bitsandbytes' AdamW8bit",
                 ctx()
             ),
             "block_wise" => ensure!(
-                lit == PyLit::Bool(true),
+                lit.truthy(),
                 "{}: only the blockwise 8-bit path exists (block_wise=True)",
                 ctx()
             ),
             "percentile_clipping" => ensure!(
-                num(&lit)? == 100.0,
+                num(lit)? == 100.0,
                 "{}: percentile clipping is not implemented; only 100 (off) is accepted",
                 ctx()
             ),
@@ -297,6 +142,20 @@ pub fn parse_optimizer_args(args: &[String]) -> Result<AdamW8bitConfig> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Builds the optimizer as sd-scripts' `get_optimizer` does for `--optimizer_type AdamW8bit`
+/// (or `--use_8bit_adam`): `lr = --learning_rate` plus the parsed `--optimizer_args`. Returns
+/// it with sd-scripts' log line.
+pub fn build(
+    kwargs: &[(String, PyValue)],
+    groups: Vec<ParamGroup>,
+    learning_rate: f64,
+) -> Result<(Box<dyn Optimizer>, String)> {
+    let mut cfg = config_from_kwargs(kwargs)?;
+    cfg.lr = learning_rate;
+    let line = format!("use 8-bit AdamW optimizer | {}", kwargs_repr(kwargs));
+    Ok((Box::new(AdamW8bit::new(groups, cfg)?), line))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,15 +397,6 @@ pub fn dequantize_blockwise(q: &Tensor, absmax: &Tensor, code: &Tensor, blocksiz
 // The optimizer
 // ---------------------------------------------------------------------------------------------
 
-/// A set of parameters sharing a learning rate (sd-scripts: "textencoder", "unet", ...).
-pub struct ParamGroup {
-    pub name: String,
-    /// (unique name, tensor). The tensor is the trained leaf itself (a shallow clone shares it).
-    pub params: Vec<(String, Tensor)>,
-    /// None: the config's `lr`.
-    pub lr: Option<f64>,
-}
-
 enum Moments {
     /// Codes padded to whole blocks: lanes past the tensor's end hold the bytes the kernel's idle
     /// threads read (128 for state1, 0 for state2), so the padded block max equals the kernel's.
@@ -641,38 +491,40 @@ fn is_float(kind: Kind) -> bool {
 }
 
 impl AdamW8bit {
+    /// Groups in the trainer's order (e.g. "textencoder", "unet"), each with its current lr;
+    /// `cfg.lr` is only the default for `from_tensors`. Parameters are named by their index over
+    /// all groups, so state keys are `state.{i}.{field}` as torch's `state_dict()` numbers them.
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamW8bitConfig) -> Result<AdamW8bit> {
         cfg.validate()?;
-        let mut seen = HashSet::new();
+        let mut index = 0usize;
         let mut out = Vec::with_capacity(groups.len());
         for g in groups {
-            let lr = g.lr.unwrap_or(cfg.lr);
             ensure!(
-                lr >= 0.0,
-                "AdamW8bit: group '{}' has a negative learning rate {lr}",
-                g.name
+                g.lr >= 0.0,
+                "AdamW8bit: group '{}' has a negative learning rate {}",
+                g.name,
+                g.lr
             );
             let mut slots = Vec::with_capacity(g.params.len());
-            for (name, param) in g.params {
-                ensure!(
-                    seen.insert(name.clone()),
-                    "AdamW8bit: parameter name '{name}' appears twice"
-                );
+            for param in g.params {
                 ensure!(
                     is_float(param.kind()),
-                    "AdamW8bit: parameter '{name}' has kind {:?}; only floating tensors can be trained",
+                    "AdamW8bit: parameter {index} of group '{}' has kind {:?}; only floating \
+                     tensors can be trained",
+                    g.name,
                     param.kind()
                 );
                 slots.push(Slot {
-                    name,
+                    name: index.to_string(),
                     numel: param.numel() as i64,
                     param,
                     state: None,
                 });
+                index += 1;
             }
             out.push(Group {
                 name: g.name,
-                lr,
+                lr: g.lr,
                 slots,
             });
         }
@@ -685,21 +537,10 @@ impl AdamW8bit {
         })
     }
 
-    /// One group named "params" with the config's lr; parameter names are their indices.
+    /// One group named "params" with the config's lr.
     pub fn from_tensors(params: Vec<Tensor>, cfg: AdamW8bitConfig) -> Result<AdamW8bit> {
-        let params = params
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (i.to_string(), t))
-            .collect();
-        AdamW8bit::new(
-            vec![ParamGroup {
-                name: "params".into(),
-                params,
-                lr: None,
-            }],
-            cfg,
-        )
+        let lr = cfg.lr;
+        AdamW8bit::new(vec![ParamGroup::new("params", params, lr)], cfg)
     }
 
     pub fn config(&self) -> &AdamW8bitConfig {
@@ -993,6 +834,34 @@ impl AdamW8bit {
     }
 }
 
+/// The trainer's optimizer contract (`common::Optimizer`); each method is the inherent one.
+impl Optimizer for AdamW8bit {
+    fn step(&mut self) -> Result<()> {
+        AdamW8bit::step(self)
+    }
+    fn zero_grad(&mut self) {
+        AdamW8bit::zero_grad(self)
+    }
+    fn set_lr(&mut self, group: usize, lr: f64) {
+        AdamW8bit::set_lr(self, group, lr)
+    }
+    fn lr(&self, group: usize) -> f64 {
+        AdamW8bit::lr(self, group)
+    }
+    fn num_groups(&self) -> usize {
+        AdamW8bit::num_groups(self)
+    }
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        AdamW8bit::state_tensors(self)
+    }
+    fn load_state_tensors(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        AdamW8bit::load_state_tensors(self, tensors)
+    }
+    fn class_name(&self) -> String {
+        CLASS_NAME.to_string()
+    }
+}
+
 fn scalar_i64(t: &Tensor, key: &str) -> Result<i64> {
     ensure!(
         t.kind() == Kind::Int64 && t.numel() == 1,
@@ -1216,12 +1085,12 @@ mod tests {
         assert!(format!("{e:#}").contains("unknown key 'momentum'"), "{e:#}");
         let e = parse_optimizer_args(&args(&["betas=0.9"])).unwrap_err();
         assert!(format!("{e:#}").contains("betas"), "{e:#}");
-        let e = parse_optimizer_args(&args(&["eps=abc"])).unwrap_err();
-        assert!(format!("{e:#}").contains("eps=abc"), "{e:#}");
+        let e = parse_optimizer_args(&args(&["eps='abc'"])).unwrap_err();
+        assert!(format!("{e:#}").contains("eps='abc'"), "{e:#}");
         let e = parse_optimizer_args(&args(&["betas=1.5,0.9"])).unwrap_err();
         assert!(format!("{e:#}").contains("betas"), "{e:#}");
         let e = parse_optimizer_args(&args(&["weight_decay"])).unwrap_err();
-        assert!(format!("{e:#}").contains("key=value"), "{e:#}");
+        assert!(format!("{e:#}").contains("weight_decay"), "{e:#}");
         assert!(parse_optimizer_args(&args(&["amsgrad=True"])).is_err());
     }
 
