@@ -75,7 +75,13 @@ class RngTrace(TorchDispatchMode):
             if t.device.type == "cpu":
                 if not t.is_contiguous():
                     raise RuntimeError(f"{func} on a non-contiguous tensor: a scratch-buffer replay would differ")
-                scalars = [a for a in args[1:] if isinstance(a, (int, float))]
+                # Scalar arguments in schema order, whether passed by position, by keyword or
+                # left at their defaults (nn.Embedding's `normal_()`).
+                scalars = []
+                for i, a in enumerate(func._schema.arguments[1:], start=1):
+                    v = args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        scalars.append(v)
                 # Compact entry: [op, dtype, shape, scalar args].
                 self.cpu.append([func.overloadpacket.__name__, DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape), scalars])
             else:
