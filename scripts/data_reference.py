@@ -8,6 +8,10 @@ Commands (all print JSON on stdout):
   random SEEDS...                  CPython random streams for the Rust port
   sampler EPOCHS WORKERS SEED:L... torch DataLoader visiting order (batch_size=1, shuffle=True)
   dataset JOBS.json                build datasets as sd-scripts does and replay epochs (a job or a list)
+  worker-probe SEED N EPOCHS WORKERS PERSISTENT   real DataLoader workers: index, worker, random()
+  captions CASES.json              process_caption with Python's random, per case
+  color-aug IMG SEED N OUT.npz     AugHelper.color_aug N times with OpenCV
+  tokens CAPTIONS.json             sd-scripts' (n, 77) input_ids windows, v1/v2, 75/150/225 tokens
   npz-write PATH                   write an sd-scripts style latent cache
   npz-read PATH                    read a latent cache written by sdlora
 """
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tomllib
 from textwrap import dedent, indent
@@ -122,6 +127,29 @@ class _Idx(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return i
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Reports which worker fetched an index and that worker's next Python random draw."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return [i, -1 if info is None else info.id, repr(random.random())]
+
+
+def worker_probe(seed, n, epochs, workers, persistent):
+    """The real DataLoader with workers: per epoch [index, worker id, random() in that worker]."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    dl = torch.utils.data.DataLoader(_Probe(n), batch_size=1, shuffle=True, num_workers=workers,
+                                     persistent_workers=persistent, collate_fn=lambda x: x[0])
+    return [[b for b in dl] for _ in range(epochs)]
 
 
 def sampler_order(seed, n, epochs, workers):
@@ -483,25 +511,101 @@ def set_epoch(ds, e):
 # ---------------------------------------------------------------------------------------------
 # per-item processing (spec §3.7-§3.10, §3.12)
 
-def process_caption(s, caption):
+def process_caption(s, caption, current_epoch=0, current_step=0, max_train_steps=1600):
+    """BaseDataset.process_caption (spec §3.12)."""
     if s["caption_prefix"]:
         caption = s["caption_prefix"] + " " + caption
     if s["caption_suffix"]:
         caption = caption + " " + s["caption_suffix"]
-    if s["caption_dropout_rate"] > 0 and random.random() < s["caption_dropout_rate"]:
+    drop = s["caption_dropout_rate"] > 0 and random.random() < s["caption_dropout_rate"]
+    every = s["caption_dropout_every_n_epochs"]
+    drop = drop or (every > 0 and current_epoch % every == 0)
+    if drop:
         return ""
-    caption = caption.split("\n")[0]
-    if s["shuffle_caption"] or s["caption_tag_dropout_rate"] > 0:
-        tokens = [t.strip() for t in caption.strip().split(s["caption_separator"])]
-        fixed, flex = [], tokens[:]
-        if s["keep_tokens"] > 0:
-            fixed, flex = tokens[: s["keep_tokens"]], tokens[s["keep_tokens"]:]
+    if s["enable_wildcard"]:
+        if "\n" in caption:
+            caption = random.choice(caption.split("\n"))
+        r1, r2 = "⦅", "⦆"
+        while r1 in caption or r2 in caption:
+            r1 += "⦅"
+            r2 += "⦆"
+        caption = caption.replace("{{", r1).replace("}}", r2)
+        caption = re.sub(r"\{([^}]+)\}", lambda m: random.choice(m.group(1).split("|")), caption)
+        caption = caption.replace(r1, "{").replace(r2, "}")
+    else:
+        caption = caption.split("\n")[0]
+    step = s["token_warmup_step"]
+    if s["shuffle_caption"] or step > 0 or s["caption_tag_dropout_rate"] > 0:
+        sep = s["caption_separator"]
+        kts = s["keep_tokens_separator"]
+        fixed, flex, suffix = [], [], []
+        if kts and kts in caption:
+            fixed_part, flex_part = caption.split(kts, 1)
+            if kts in flex_part:
+                flex_part, suffix_part = flex_part.split(kts, 1)
+                suffix = [t.strip() for t in suffix_part.split(sep) if t.strip()]
+            fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
+            flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
+        else:
+            tokens = [t.strip() for t in caption.strip().split(sep)]
+            flex = tokens[:]
+            if s["keep_tokens"] > 0:
+                fixed, flex = tokens[: s["keep_tokens"]], tokens[s["keep_tokens"]:]
+        if step < 1:
+            step = math.floor(step * max_train_steps)
+        if step and current_step < step:
+            n = math.floor(current_step * ((len(flex) - s["token_warmup_min"]) / step)) + s["token_warmup_min"]
+            flex = flex[:n]
         if s["shuffle_caption"]:
             random.shuffle(flex)
         if s["caption_tag_dropout_rate"] > 0:
             flex = [t for t in flex if random.random() >= s["caption_tag_dropout_rate"]]
-        caption = ", ".join(fixed + flex)
+        caption = ", ".join(fixed + flex + suffix)
+    if s["secondary_separator"]:
+        caption = caption.replace(s["secondary_separator"], s["caption_separator"])
     return caption
+
+
+def captions(cases_file):
+    with open(cases_file, encoding="utf-8") as f:
+        cases = json.load(f)
+    out = []
+    for c in cases:
+        sp = dict(SUBSET_DEFAULTS)
+        sp.update(c["subset"])
+        random.seed(c["seed"])
+        res = [process_caption(sp, c["caption"], c.get("epoch", 0), c.get("step", 0), c.get("max_train_steps", 1600))
+               for _ in range(c.get("repeat", 4))]
+        out.append({"captions": res, "next": repr(random.random())})
+    return out
+
+
+def color_aug(image_path, seed, n, out_npz):
+    """AugHelper.color_aug applied n times in a row (spec §3.9), with OpenCV HSV."""
+    with Image.open(image_path) as im:
+        base = np.array(im.convert("RGB"))
+    random.seed(seed)
+    arrays, kinds = {}, []
+    for k in range(n):
+        image = base.copy()
+        kind = "none"
+        if random.random() <= 0.33:
+            if random.random() > 0.5:
+                hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+                shift = random.uniform(-8, 8)
+                if shift < 0:
+                    shift = 180 + shift
+                hsv[:, :, 0] = (hsv[:, :, 0] + shift) % 180
+                image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+                kind = "hue"
+            else:
+                gamma = random.uniform(0.95, 1.05)
+                image = np.clip(image**gamma, 0, 255).astype(np.uint8)
+                kind = "gamma"
+        kinds.append(kind)
+        arrays[f"a{k}"] = image
+    np.savez(out_npz, **arrays)
+    return {"kinds": kinds}
 
 
 def resize(img, w, h):
@@ -548,7 +652,7 @@ def get_item(ds, index, pixels):
                 img = arr[top:top + ds.height, left:left + ds.width]
         if img is not None and flipped:
             img = img[:, ::-1]
-        caption = process_caption(s, info["caption"])
+        caption = process_caption(s, info["caption"], ds.epoch)
         items.append(dict(key=key, flipped=flipped, offsets=[left, top], caption=caption, is_reg=info["is_reg"],
                           loss_weight=ds.prior if info["is_reg"] else 1.0, pixels=img))
     return items
@@ -570,18 +674,21 @@ def run_dataset(job):
     total = sum(lens)
     torch.manual_seed(job["seed"])
     workers = job.get("workers", 0)
+    persistent = job.get("persistent", False) and workers > 0
     pixel_epochs = set(job.get("pixel_epochs", []))
     arrays = {}
     epochs = []
-    persistent_workers = None
     for e in range(1, job["epochs"] + 1):
-        # DataLoader.__iter__: _base_seed, then the RandomSampler's generator seed (spec §6.3.4)
-        base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        # DataLoader.__iter__: _base_seed (once with persistent workers), then the RandomSampler's
+        # generator seed (spec §6.3.4)
+        fresh = not (persistent and e > 1)
+        if fresh:
+            base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         sampler_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         g = torch.Generator()
         g.manual_seed(sampler_seed)
         perm = torch.randperm(total, generator=g).tolist()
-        if workers > 0:
+        if workers > 0 and fresh:
             import copy
             # each worker: a copy of the never-advanced main-process datasets, random seeded with base_seed + id
             state = random.getstate()
@@ -639,6 +746,36 @@ def npz_read(path):
     return {k: {"dtype": str(z[k].dtype), "shape": list(z[k].shape), "head": z[k].ravel()[:16].tolist()} for k in z.files}
 
 
+def input_ids(tok, text, max_length):
+    """sd-scripts' SdTokenizeStrategy.tokenize for one caption (spec §3.13)."""
+    ids = tok(text, padding="max_length", truncation=True, max_length=max_length).input_ids
+    if max_length <= 77:
+        return [ids]
+    out = []
+    for i in range(1, max_length - 77 + 2, 75):
+        chunk = [ids[0]] + ids[i:i + 75] + [ids[-1]]
+        if tok.pad_token_id != tok.eos_token_id:
+            if chunk[-2] != tok.eos_token_id and chunk[-2] != tok.pad_token_id:
+                chunk[-1] = tok.eos_token_id
+            if chunk[1] == tok.pad_token_id:
+                chunk[1] = tok.eos_token_id
+        out.append(chunk)
+    return out
+
+
+def tokens(captions_file):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from clip_oracle_tokenizer import load_tokenizers
+    sd1, sd2 = load_tokenizers()
+    with open(captions_file, encoding="utf-8") as f:
+        captions = json.load(f)
+    res = {}
+    for name, tok in (("v1", sd1), ("v2", sd2)):
+        for ml in (77, 152, 227):
+            res[f"{name}_{ml}"] = [input_ids(tok, c, ml) for c in captions]
+    return res
+
+
 def main():
     cmd = sys.argv[1]
     if cmd == "fixture":
@@ -656,6 +793,14 @@ def main():
         with open(sys.argv[2]) as f:
             jobs = json.load(f)
         res = [run_dataset(j) for j in jobs] if isinstance(jobs, list) else run_dataset(jobs)
+    elif cmd == "worker-probe":
+        res = worker_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
+    elif cmd == "captions":
+        res = captions(sys.argv[2])
+    elif cmd == "color-aug":
+        res = color_aug(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif cmd == "tokens":
+        res = tokens(sys.argv[2])
     elif cmd == "npz-write":
         res = npz_write(sys.argv[2])
     elif cmd == "npz-read":

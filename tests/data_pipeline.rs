@@ -375,10 +375,11 @@ fn check_epochs(
     r: &Value,
     seed: u64,
     workers: usize,
+    persistent: bool,
 ) {
     let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed as i64);
-    let mut loader = Loader::new(group, workers, false, 1);
+    let mut loader = Loader::new(group, workers, persistent, 1);
     let mut seeds = GlobalTorchSeeds;
     for (e, wep) in r["epochs"].as_array().unwrap().iter().enumerate() {
         let plans = loader.plan_epoch(group, e as i64 + 1, &mut seeds).unwrap();
@@ -387,7 +388,7 @@ fn check_epochs(
         assert_eq!(plans.len(), wb.len());
         for (k, (p, w)) in plans.iter().zip(wb).enumerate() {
             let what = format!(
-                "config {name} seed {seed} workers {workers} epoch {} batch {k}",
+                "config {name} seed {seed} workers {workers} persistent {persistent} epoch {} batch {k}",
                 e + 1
             );
             assert_eq!(p.dataset as u64, w["dataset"].as_u64().unwrap(), "{what}");
@@ -417,21 +418,32 @@ fn check_epochs(
 }
 
 fn structure_and_order(name: &str) {
+    // (seed, DataLoader workers, persistent workers)
     let mut cases = vec![];
     for seed in [0u64, 42, 1234] {
-        for workers in [0usize, 3] {
-            cases.push((seed, workers, case(name, seed, workers)));
+        for (workers, persistent) in [(0usize, false), (3, false)] {
+            cases.push((seed, workers, persistent));
         }
     }
-    let jobs = Value::Array(cases.iter().map(|c| c.2 .0.clone()).collect());
-    let results = run_reference(&jobs, &format!("order_{name}"));
-    for (i, (seed, workers, (_, args))) in cases.iter().enumerate() {
+    cases.push((42, 2, true));
+    let jobs: Vec<(Value, DataArgs)> = cases
+        .iter()
+        .map(|&(seed, workers, persistent)| {
+            let (mut job, mut args) = case(name, seed, workers);
+            job["persistent"] = persistent.into();
+            args.persistent_data_loader_workers = persistent;
+            (job, args)
+        })
+        .collect();
+    let all = Value::Array(jobs.iter().map(|j| j.0.clone()).collect());
+    let results = run_reference(&all, &format!("order_{name}"));
+    for (i, (&(seed, workers, persistent), (_, args))) in cases.iter().zip(&jobs).enumerate() {
         let r = &results[i];
         let group = build(args);
         if i == 0 {
             check_structure(name, &group, r);
         }
-        check_epochs(name, &group, r, *seed, *workers);
+        check_epochs(name, &group, r, seed, workers, persistent);
     }
 }
 
@@ -677,4 +689,124 @@ fn latent_caches_interchange_with_numpy() {
         .collect();
     assert_eq!(head, want);
     let _ = NpyArray::f32(vec![1], vec![0.0]);
+}
+
+/// The worker model the loader replays, checked against the real torch DataLoader with worker
+/// processes: batch k goes to worker k % W (from worker 0 every epoch), each worker's Python
+/// RNG is seeded with base_seed + worker id, and persistent workers keep their RNG while the base
+/// seed is drawn only once.
+#[test]
+fn dataloader_worker_model_matches_torch() {
+    use sdlora::data::SeedSource;
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, epochs, w) = (7usize, 3usize, 3usize);
+    for seed in [0u64, 42] {
+        for persistent in [false, true] {
+            let want = py(&[
+                "worker-probe",
+                &seed.to_string(),
+                &n.to_string(),
+                &epochs.to_string(),
+                &w.to_string(),
+                if persistent { "1" } else { "0" },
+            ]);
+            tch::manual_seed(seed as i64);
+            let mut seeds = GlobalTorchSeeds;
+            let mut rngs: Vec<PyRandom> = vec![];
+            for e in 0..epochs {
+                if !persistent || e == 0 {
+                    let base = seeds.draw_i64() as i128;
+                    rngs = (0..w).map(|i| PyRandom::new(base + i as i128)).collect();
+                }
+                let s = seeds.draw_i64();
+                let perm = TorchCpuGenerator::new(s as u64).randperm(n);
+                for (k, b) in want[e].as_array().unwrap().iter().enumerate() {
+                    let what = format!(
+                        "seed {seed} persistent {persistent} epoch {} batch {k}",
+                        e + 1
+                    );
+                    assert_eq!(b[0].as_u64().unwrap() as usize, perm[k], "{what}: index");
+                    assert_eq!(b[1].as_u64().unwrap() as usize, k % w, "{what}: worker");
+                    let r: f64 = b[2].as_str().unwrap().parse().unwrap();
+                    assert_eq!(rngs[k % w].random(), r, "{what}: worker's Python RNG");
+                }
+            }
+        }
+    }
+}
+
+/// Throughput of the background decoding (run with --ignored --nocapture): batches per second
+/// with 1 and 2 threads while the consumer "trains" for a fixed time per step.
+#[test]
+#[ignore]
+fn loader_throughput() {
+    let root = fixture().join("throughput");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..24 {
+        let img = image::RgbImage::from_fn(1024, 768, |x, y| {
+            image::Rgb([(x + i) as u8, (y * 3) as u8, ((x ^ y) & 255) as u8])
+        });
+        img.save(root.join(format!("{i:02}.jpg"))).unwrap();
+    }
+    let cfg = fixture().join("config_tp.toml");
+    write(
+        &cfg,
+        &format!(
+            "[[datasets]]\nresolution = 512\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = \"{}\"\nclass_tokens = \"t\"\n",
+            root.display()
+        ),
+    );
+    let args = DataArgs {
+        dataset_config: Some(cfg),
+        seed: Some(1),
+        ..Default::default()
+    };
+    let group = build(&args);
+    {
+        use sdlora::data::image::*;
+        let p = root.join("00.jpg");
+        let t = std::time::Instant::now();
+        let img = load_image_rgb(&p).unwrap();
+        let t_load = t.elapsed();
+        let t = std::time::Instant::now();
+        check_image(&p).unwrap();
+        let t_check = t.elapsed();
+        let t = std::time::Instant::now();
+        let r = resize_area(&img, 683, 512);
+        let t_area = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = resize_pil(&img, 1365, 1024, PilFilter::Lanczos);
+        let t_lz = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = r.to_chw_normalized();
+        let t_norm = t.elapsed();
+        eprintln!("1024x768 JPEG: load {t_load:?}, generic decode {t_check:?}, area to 683x512 {t_area:?}, lanczos to 1365x1024 {t_lz:?}, normalize {t_norm:?}");
+    }
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    for threads in [1usize, 2] {
+        for step_ms in [0u64, 60] {
+            tch::manual_seed(1);
+            let mut loader = Loader::new(&group, 0, false, threads);
+            let t0 = std::time::Instant::now();
+            let mut waited = std::time::Duration::ZERO;
+            let mut it = loader
+                .epoch(&group, 1, &mut GlobalTorchSeeds, None)
+                .unwrap();
+            loop {
+                let tw = std::time::Instant::now();
+                let Some(b) = it.next() else { break };
+                waited += tw.elapsed();
+                b.unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(step_ms));
+            }
+            let total = t0.elapsed();
+            eprintln!(
+                "threads {threads}, step {step_ms} ms: 24 batches in {:.2} s, consumer waited {:.2} s ({:.1} ms/batch)",
+                total.as_secs_f64(),
+                waited.as_secs_f64(),
+                waited.as_secs_f64() * 1000.0 / 24.0
+            );
+        }
+    }
 }

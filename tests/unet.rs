@@ -574,9 +574,21 @@ fn full_size_matches_diffusers() {
         eprintln!("skipped: set SDLORA_FULL=1");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sdlora-unet-full-{}", std::process::id()));
+    // SDLORA_UNET_FULL_DIR reuses fixtures made earlier (e.g. by scripts/bench); otherwise they
+    // are generated into a temporary folder and deleted afterwards.
+    let (dir, keep) = match std::env::var("SDLORA_UNET_FULL_DIR") {
+        Ok(d) => (PathBuf::from(d), true),
+        Err(_) => (
+            std::env::temp_dir().join(format!("sdlora-unet-full-{}", std::process::id())),
+            false,
+        ),
+    };
     for model in ["sd15", "sd21"] {
-        generate(&dir, &[model], true);
+        let have = dir.join(format!("{model}.io.safetensors")).exists()
+            && dir.join(format!("{model}.weights.safetensors")).exists();
+        if !have {
+            generate(&dir, &[model], true);
+        }
         // The Rust side holds the weights plus grads too: take the same lock.
         let lock = std::fs::File::create("/tmp/sdlora-bigmem.lock").unwrap();
         flock(&lock);
@@ -592,11 +604,10 @@ fn full_size_matches_diffusers() {
         check_forward(&dir, model, &[model], 1e-3);
         check_grads(&dir, model, model, AttentionBackend::Math, 1e-3);
         drop(lock);
-        for f in [
-            format!("{model}.weights.safetensors"),
-            format!("{model}.io.safetensors"),
-        ] {
-            let _ = std::fs::remove_file(dir.join(f));
+        if !keep {
+            for f in ["weights", "io"] {
+                let _ = std::fs::remove_file(dir.join(format!("{model}.{f}.safetensors")));
+            }
         }
     }
 }

@@ -191,8 +191,9 @@ pub fn input_ids_windows(
     }
     let mut out = Vec::new();
     let last = ids[ids.len() - 1];
+    // window starts: range(1, max_length - 77 + 2, 75), i.e. 1, 76 (152) and 1, 76, 151 (227)
     let mut i = 1;
-    while i < max_length - 2 {
+    while i < max_length - 77 + 2 {
         let mut w = [0i64; 77];
         w[0] = ids[0];
         w[1..76].copy_from_slice(&ids[i..i + 75]);
@@ -209,4 +210,19 @@ pub fn input_ids_windows(
         i += 75;
     }
     out
+}
+
+impl TextTokenizer for crate::models::tokenizer::ClipTokenizer {
+    fn encode(&self, text: &str) -> Vec<i64> {
+        crate::models::tokenizer::ClipTokenizer::encode(self, text)
+    }
+    fn bos(&self) -> i64 {
+        crate::models::tokenizer::BOS_ID
+    }
+    fn eos(&self) -> i64 {
+        crate::models::tokenizer::EOS_ID
+    }
+    fn pad(&self) -> i64 {
+        self.pad_token().id()
+    }
 }

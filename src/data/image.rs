@@ -184,14 +184,15 @@ impl Image8 {
     /// `ToTensor` + `Normalize([0.5], [0.5])`: CHW f32 in [-1, 1].
     pub fn to_chw_normalized(&self) -> Vec<f32> {
         let (w, h, c) = (self.w, self.h, self.c);
-        let mut out = vec![0f32; 3 * w * h];
-        for y in 0..h {
-            for x in 0..w {
-                for ch in 0..3 {
-                    let v = self.data[(y * w + x) * c + ch] as f32 / 255.0;
-                    out[ch * w * h + y * w + x] = (v - 0.5) / 0.5;
-                }
-            }
+        let plane = w * h;
+        let mut out = vec![0f32; 3 * plane];
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in self.data.chunks_exact(c).enumerate() {
+            // same float ops as ToTensor (v / 255) then Normalize ((x - 0.5) / 0.5)
+            r[i] = (px[0] as f32 / 255.0 - 0.5) / 0.5;
+            g[i] = (px[1] as f32 / 255.0 - 0.5) / 0.5;
+            b[i] = (px[2] as f32 / 255.0 - 0.5) / 0.5;
         }
         out
     }
@@ -221,15 +222,14 @@ pub fn image_size(path: &Path) -> Result<(i64, i64)> {
 pub fn load_image_rgb(path: &Path) -> Result<Image8> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let generic = decode_generic(&bytes, path)?;
     if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        // libjpeg only warns on truncated data; every file already passed `check_image`
+        // (a full decode by the `image` crate) before training.
         if let Some(img) = decode_jpeg_libjpeg(&bytes) {
-            if img.w == generic.w && img.h == generic.h {
-                return Ok(img);
-            }
+            return Ok(img);
         }
     }
-    Ok(generic)
+    decode_generic(&bytes, path)
 }
 
 /// Full decode with the `image` crate: also the corruption check every file goes through.
@@ -537,14 +537,22 @@ pub fn resize_pil(img: &Image8, dw: usize, dh: usize, filter: PilFilter) -> Imag
     if dw != cur.w {
         let coeffs = pil_coeffs(cur.w, dw, filter);
         let mut out = Image8::new(dw, cur.h, c);
-        for y in 0..cur.h {
+        let sw = cur.w;
+        for (src_row, dst_row) in cur
+            .data
+            .chunks_exact(sw * c)
+            .zip(out.data.chunks_exact_mut(dw * c))
+        {
             for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                for ch in 0..c {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss += cur.data[(y * cur.w + xmin + i) * c + ch] as i64 * kv as i64;
+                let src = &src_row[xmin * c..(xmin + k.len()) * c];
+                let mut acc = [1i64 << (PRECISION_BITS - 1); 4];
+                for (px, &kv) in src.chunks_exact(c).zip(k) {
+                    for ch in 0..c {
+                        acc[ch] += px[ch] as i64 * kv as i64;
                     }
-                    out.data[(y * dw + x) * c + ch] = clip8(ss);
+                }
+                for ch in 0..c {
+                    dst_row[x * c + ch] = clip8(acc[ch]);
                 }
             }
         }
@@ -552,16 +560,20 @@ pub fn resize_pil(img: &Image8, dw: usize, dh: usize, filter: PilFilter) -> Imag
     }
     if dh != cur.h {
         let coeffs = pil_coeffs(cur.h, dh, filter);
+        let rowlen = cur.w * c;
         let mut out = Image8::new(cur.w, dh, c);
+        let mut acc = vec![0i64; rowlen];
         for (y, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..cur.w {
-                for ch in 0..c {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss += cur.data[((ymin + i) * cur.w + x) * c + ch] as i64 * kv as i64;
-                    }
-                    out.data[(y * cur.w + x) * c + ch] = clip8(ss);
+            acc.iter_mut()
+                .for_each(|a| *a = 1i64 << (PRECISION_BITS - 1));
+            for (i, &kv) in k.iter().enumerate() {
+                let row = &cur.data[(ymin + i) * rowlen..(ymin + i + 1) * rowlen];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as i64 * kv as i64;
                 }
+            }
+            for (d, a) in out.data[y * rowlen..(y + 1) * rowlen].iter_mut().zip(&acc) {
+                *d = clip8(*a);
             }
         }
         cur = out;

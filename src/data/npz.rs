@@ -292,6 +292,7 @@ mod tests {
         let a = NpyArray::f32(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]);
         let b = NpyArray::from_npy(&a.to_npy(), "t").unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.to_npy().len() % 64, 24 % 64); // 64-byte aligned header + 24 bytes of data
+        // 64-byte aligned header, then 6 f32 = 24 bytes of data
+        assert_eq!(a.to_npy().len() % 64, 24);
     }
 }

@@ -15,8 +15,13 @@ pub enum AttentionBackend {
     /// `--sdpa` and `--xformers`: libtorch's fused `scaled_dot_product_attention` (xformers is
     /// not available from Rust; the fused kernel computes the same function).
     Sdpa,
-    /// `--mem_eff_attn`: query-chunked attention whose transient memory is bounded by
-    /// `chunk × keys` scores per head instead of `queries × keys`.
+    /// `--mem_eff_attn`: bounded memory. Without autograd (no input requires grad) it is
+    /// query-chunked exact attention, holding `chunk × keys` scores per head instead of
+    /// `queries × keys`. When gradients are needed, a chunked graph would still save every chunk's
+    /// probabilities for backward, so it uses libtorch's fused kernel instead, which (like
+    /// sd-scripts' FlashAttentionFunction) saves only q, k, v, the output and row statistics and
+    /// recomputes scores block by block in backward (measured on CPU, 8 heads × 4096 tokens:
+    /// 46 MB above baseline for forward+backward against 1.6 GB for the math path).
     MemEff,
 }
 
@@ -93,6 +98,18 @@ pub fn f_attention(
             Some(scale),
             false,
         ),
+        AttentionBackend::MemEff if q.requires_grad() || k.requires_grad() || v.requires_grad() => {
+            Tensor::scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                None::<Tensor>,
+                0.0,
+                opts.causal,
+                Some(scale),
+                false,
+            )
+        }
         AttentionBackend::MemEff => mem_eff(q, k, v, scale, opts),
     })
 }
@@ -210,6 +227,30 @@ mod tests {
                 let e = max_err(&out, &reference);
                 assert!(e < 1e-5, "{backend:?} nq={nq} causal={causal}: {e}");
             }
+        }
+    }
+
+    /// MemEff with autograd (fused kernel) gives the same gradients as the math path.
+    #[test]
+    fn mem_eff_grads_match_math() {
+        tch::manual_seed(1);
+        let q = rand(&[1, 2, 600, 8]);
+        let k = rand(&[1, 2, 600, 8]);
+        let v = rand(&[1, 2, 600, 8]);
+        let w = rand(&[1, 2, 600, 8]);
+        let mut grads = Vec::new();
+        for backend in [AttentionBackend::Math, AttentionBackend::MemEff] {
+            let (q, k, v) = (
+                q.detach().set_requires_grad(true),
+                k.detach().set_requires_grad(true),
+                v.detach().set_requires_grad(true),
+            );
+            let o = attention(&q, &k, &v, backend, Default::default());
+            (o * &w).sum(Kind::Float).backward();
+            grads.push([q.grad(), k.grad(), v.grad()]);
+        }
+        for (a, b) in grads[0].iter().zip(&grads[1]) {
+            assert!(max_err(a, b) < 1e-5, "{}", max_err(a, b));
         }
     }
 

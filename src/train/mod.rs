@@ -1,14 +1,40 @@
-//! `sdlora train`: the train_network run.
+//! `sdlora train`: the train_network run, built from the pieces below (spec:
+//! sdscripts_cli_data.md §1, §4–§6; sdscripts_model_math.md §4, §5, §8).
+pub mod amp;
 pub mod args;
+pub mod console;
+pub mod counting;
+pub mod lr;
+pub mod noise;
 pub mod optim;
 pub mod rng_replay;
+pub mod rng_state;
+pub mod save;
+pub mod tensorboard;
 
 use anyhow::Result;
 
-/// Entry point for `sdlora train <sd-scripts flags>`.
+/// Entry point for `sdlora train <sd-scripts flags>`: parses and checks the arguments exactly
+/// as train_network.py does. The training loop itself is assembled at integration.
 pub fn run_cli(args: &[String]) -> Result<i32> {
-    anyhow::bail!(
-        "sdlora train is not implemented yet (got {} arguments)",
-        args.len()
-    )
+    let mut train_args = match args::parse_train_args(args)? {
+        args::ArgsOutcome::Help(text) => {
+            println!("{text}");
+            return Ok(0);
+        }
+        args::ArgsOutcome::ConfigWritten(path) => {
+            eprintln!("Saved config file / 設定ファイルを保存しました: {}", path.display());
+            return Ok(0);
+        }
+        args::ArgsOutcome::Run(a, notices) => {
+            for n in notices {
+                eprintln!("{n}");
+            }
+            a
+        }
+    };
+    for w in train_args.verify()? {
+        eprintln!("{w}");
+    }
+    anyhow::bail!("sdlora train: arguments are valid, but the training loop is not assembled yet")
 }

@@ -58,7 +58,10 @@ impl AdamW8bitConfig {
             ))
         };
         if self.lr.is_nan() || self.lr < 0.0 {
-            return bad("learning rate", self.lr.to_string());
+            bail!(
+                "AdamW8bit: invalid learning rate {} (--learning_rate)",
+                self.lr
+            );
         }
         if self.eps.is_nan() || self.eps < 0.0 {
             return bad("eps", self.eps.to_string());
@@ -190,8 +193,8 @@ pub fn dynamic_map(signed: bool) -> Tensor {
     code.sort(0, false).0
 }
 
-/// Decision boundaries that turn `bucketize` into the kernel's nearest-code choice with ties to
-/// the even index (spec §2.1): boundary k separates code k from k+1 at their float32 midpoint.
+/// Decision boundaries b such that #{b < x} is the kernel's nearest-code choice with ties to the
+/// even index (spec §2.1): boundary k separates code k from k+1 at their float32 midpoint.
 /// An x exactly on the midpoint must go up when k is odd (k+1 even), so for odd k the boundary
 /// is the next float below the midpoint: x > nextdown(mid) <=> x >= mid.
 fn decision_bounds(code: &[f32]) -> Vec<f32> {
