@@ -144,6 +144,29 @@ pub fn replay(plan: &InitPlan) {
     }
 }
 
+/// What a replay did, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayStats {
+    pub fills: usize,
+    pub elements: i64,
+    pub seconds: f64,
+}
+
+/// Consumes the global CPU generator as `train_network.py`'s `load_target_model` does for these
+/// base models. Call it right after `tch::manual_seed(seed)` (sd-scripts' `set_seed`) and before
+/// the LoRA network is created; nothing sdlora does in between may draw from the CPU generator
+/// (sd-scripts' tokenizer, dataset and accelerator set-up draw nothing).
+pub fn replay_base_model_init(models: &BaseModels) -> ReplayStats {
+    let plan = InitPlan::for_sd_scripts(models);
+    let t0 = std::time::Instant::now();
+    replay(&plan);
+    ReplayStats {
+        fills: plan.fills.len(),
+        elements: plan.numel(),
+        seconds: t0.elapsed().as_secs_f64(),
+    }
+}
+
 /// The plan's fills issued one whole tensor at a time (the reference for [`replay`]'s chunking).
 pub fn replay_unchunked(plan: &InitPlan) {
     let _guard = tch::no_grad_guard();
@@ -431,9 +454,9 @@ fn diffusers_autoencoder_kl(fills: &mut Vec<Fill>, cfg: &VaeConfig, prefix: &str
     let e = format!("{prefix}.encoder");
     conv2d(fills, &format!("{e}.conv_in"), cfg.in_channels, boc[0], 3);
     let mut output = boc[0];
-    for i in 0..n {
+    for (i, &level) in boc.iter().enumerate() {
         let input = output;
-        output = boc[i];
+        output = level;
         for l in 0..cfg.layers_per_block {
             let in_c = if l == 0 { input } else { output };
             diffusers_resnet(
@@ -469,9 +492,9 @@ fn diffusers_autoencoder_kl(fills: &mut Vec<Fill>, cfg: &VaeConfig, prefix: &str
     diffusers_vae_mid(fills, &format!("{d}.mid_block"), boc[n - 1]);
     let rev: Vec<i64> = boc.iter().rev().copied().collect();
     let mut output = rev[0];
-    for i in 0..n {
+    for (i, &level) in rev.iter().enumerate() {
         let prev = output;
-        output = rev[i];
+        output = level;
         for l in 0..cfg.layers_per_block + 1 {
             let in_c = if l == 0 { prev } else { output };
             diffusers_resnet(
