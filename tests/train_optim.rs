@@ -55,7 +55,7 @@ fn set_grads(params: &[Vec<Tensor>], grads: &Value) {
     for (gi, ps) in params.iter().enumerate() {
         for (pi, p) in ps.iter().enumerate() {
             let g = Tensor::from_slice(&floats(&grads[gi][pi])).reshape(p.size());
-            loss = loss + (p * g).sum(Kind::Float);
+            loss += (p * g).sum(Kind::Float);
         }
     }
     loss.backward();

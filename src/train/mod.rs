@@ -8,6 +8,7 @@ pub mod lr;
 pub mod noise;
 pub mod optim;
 pub mod save;
+pub mod step;
 pub mod tensorboard;
 
 use anyhow::Result;
@@ -21,7 +22,10 @@ pub fn run_cli(args: &[String]) -> Result<i32> {
             return Ok(0);
         }
         args::ArgsOutcome::ConfigWritten(path) => {
-            eprintln!("Saved config file / 設定ファイルを保存しました: {}", path.display());
+            eprintln!(
+                "Saved config file / 設定ファイルを保存しました: {}",
+                path.display()
+            );
             return Ok(0);
         }
         args::ArgsOutcome::Run(a, notices) => {
