@@ -44,6 +44,7 @@ fn main() {
         lib.display()
     );
     println!("cargo:rustc-env=SDLORA_LIBTORCH_LIB={}", lib.display());
+    build_rng_shim(&lib);
     // The version libtorch says it is (build-version in a libtorch zip, version.py in a wheel).
     let root = lib.parent().map(PathBuf::from).unwrap_or_default();
     let version = std::fs::read_to_string(root.join("build-version"))
@@ -60,4 +61,21 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SDLORA_LIBTORCH_VERSION={}", version.trim());
+}
+
+/// csrc/rng_state.cpp: libtorch's default-generator state, which tch does not expose.
+fn build_rng_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/rng_state.cpp");
+    let root = lib.parent().expect("libtorch lib dir has a parent");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("csrc/rng_state.cpp")
+        .compile("sdlora_rng");
 }

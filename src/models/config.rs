@@ -156,6 +156,55 @@ impl ClipTextConfig {
         }
     }
 
+    /// From a transformers `text_encoder/config.json` (`CLIPTextConfig`). Fields the file leaves
+    /// out take transformers' `CLIPTextConfig` defaults, as `from_pretrained` does.
+    pub fn from_diffusers_json(v: &serde_json::Value) -> anyhow::Result<Self> {
+        use anyhow::{anyhow, bail};
+        let int = |k: &str, default: i64| -> anyhow::Result<i64> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => x.as_i64().ok_or_else(|| {
+                    anyhow!("text encoder config: `{k}` must be an integer, got {x}")
+                }),
+            }
+        };
+        let hidden_act = match v.get("hidden_act").and_then(|x| x.as_str()).unwrap_or("quick_gelu") {
+            "quick_gelu" => ClipActivation::QuickGelu,
+            "gelu" => ClipActivation::Gelu,
+            other => bail!(
+                "text encoder config: hidden_act `{other}` is not supported (expected quick_gelu or gelu)"
+            ),
+        };
+        let layer_norm_eps = match v.get("layer_norm_eps") {
+            None | Some(serde_json::Value::Null) => 1e-5,
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| anyhow!("text encoder config: `layer_norm_eps` must be a number"))?,
+        };
+        let cfg = ClipTextConfig {
+            vocab_size: int("vocab_size", 49408)?,
+            hidden_size: int("hidden_size", 512)?,
+            intermediate_size: int("intermediate_size", 2048)?,
+            num_hidden_layers: int("num_hidden_layers", 12)?,
+            num_attention_heads: int("num_attention_heads", 8)?,
+            max_position_embeddings: int("max_position_embeddings", 77)?,
+            hidden_act,
+            layer_norm_eps,
+        };
+        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            bail!(
+                "text encoder config: hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size,
+                cfg.num_attention_heads
+            );
+        }
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+
     /// Small encoder with the real vocabulary (so real token ids work) for fast tests.
     pub fn tiny() -> Self {
         ClipTextConfig {

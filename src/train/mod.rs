@@ -7,6 +7,8 @@ pub mod counting;
 pub mod lr;
 pub mod noise;
 pub mod optim;
+pub mod rng_replay;
+pub mod rng_state;
 pub mod save;
 pub mod step;
 pub mod tensorboard;
