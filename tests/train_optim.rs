@@ -196,3 +196,21 @@ fn optimizer_args_errors_name_the_key() {
         .to_string();
     assert!(err.contains("betas"), "{err}");
 }
+
+#[test]
+fn adamw8bit_is_built_through_the_factory() {
+    let p = Tensor::ones([8, 8], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let g = vec![ParamGroup::new("unet", vec![p.shallow_clone()], 1e-3)];
+    let kind = resolve_kind("", true, false).unwrap();
+    let (mut opt, info) = build_optimizer(kind, &["weight_decay=0.1".into()], g, 1e-3).unwrap();
+    assert_eq!(
+        info.metadata_name,
+        "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)"
+    );
+    assert!(info
+        .log_line
+        .starts_with("use 8-bit AdamW optimizer | {'weight_decay': 0.1}"));
+    (&p * 2.0).sum(Kind::Float).backward();
+    opt.step().unwrap();
+    assert!(p.double_value(&[0, 0]) < 1.0);
+}
