@@ -44,7 +44,10 @@ const TUTORIAL: &[&str] = &[
 
 #[test]
 fn option_table_matches_sd_scripts_registrations() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/train/sdscripts_flags.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/train/sdscripts_flags.json"
+    );
     let want: Vec<J> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert!(want.len() > 150);
     for w in &want {
@@ -73,7 +76,11 @@ fn option_table_matches_sd_scripts_registrations() {
             J::Number(n) if n.is_i64() => D::Int(n.as_i64().unwrap()),
             J::Number(n) => D::Float(n.as_f64().unwrap()),
             J::String(s) => {
-                assert_eq!(f.default, D::Str(Box::leak(s.clone().into_boxed_str())), "--{name} default");
+                assert_eq!(
+                    f.default,
+                    D::Str(Box::leak(s.clone().into_boxed_str())),
+                    "--{name} default"
+                );
                 continue_check(f.choices, &w["choices"], name);
                 continue;
             }
@@ -87,7 +94,12 @@ fn option_table_matches_sd_scripts_registrations() {
 }
 
 fn continue_check(have: &[&str], want: &J, name: &str) {
-    let want: Vec<&str> = want.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let want: Vec<&str> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
     assert_eq!(have, want.as_slice(), "--{name} choices");
 }
 
@@ -96,8 +108,14 @@ fn tutorial_command_is_accepted() {
     let mut a = parse(TUTORIAL);
     let warnings = a.verify().unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(a.pretrained_model_name_or_path.as_deref(), Some("model.safetensors"));
-    assert_eq!(a.dataset_config.as_deref(), Some(std::path::Path::new("config.toml")));
+    assert_eq!(
+        a.pretrained_model_name_or_path.as_deref(),
+        Some("model.safetensors")
+    );
+    assert_eq!(
+        a.dataset_config.as_deref(),
+        Some(std::path::Path::new("config.toml"))
+    );
     assert_eq!(a.output_name.as_deref(), Some("zunko"));
     assert_eq!(a.resolution_wh().unwrap(), Some((512, 512)));
     assert_eq!(a.max_train_epochs, Some(10));
@@ -124,16 +142,37 @@ fn tutorial_command_is_accepted() {
 fn argparse_forms() {
     // space-separated values, negative numbers as values, prefixes, nargs="*"
     let a = parse(&[
-        "--learning_rate", "3e-4", "--noise_offset", "-0.1", "--max_train_ep", "3",
-        "--network_args", "conv_dim=4", "conv_alpha=1", "--optimizer_args=weight_decay=0.1",
-        "--text_encoder_lr", "1e-5", "2e-5", "--seed", " 42 ", "--lr_warmup_steps", "0.5",
-        "--v2", "--v2",
+        "--learning_rate",
+        "3e-4",
+        "--noise_offset",
+        "-0.1",
+        "--max_train_ep",
+        "3",
+        "--network_args",
+        "conv_dim=4",
+        "conv_alpha=1",
+        "--optimizer_args=weight_decay=0.1",
+        "--text_encoder_lr",
+        "1e-5",
+        "2e-5",
+        "--seed",
+        " 42 ",
+        "--lr_warmup_steps",
+        "0.5",
+        "--v2",
+        "--v2",
     ]);
     assert_eq!(a.learning_rate, 3e-4);
     assert_eq!(a.noise_offset, Some(-0.1));
     assert_eq!(a.max_train_epochs, Some(3));
-    assert_eq!(a.network_args, Some(vec!["conv_dim=4".to_string(), "conv_alpha=1".to_string()]));
-    assert_eq!(a.network_args_pairs().unwrap()[1], ("conv_alpha".into(), "1".into()));
+    assert_eq!(
+        a.network_args,
+        Some(vec!["conv_dim=4".to_string(), "conv_alpha=1".to_string()])
+    );
+    assert_eq!(
+        a.network_args_pairs().unwrap()[1],
+        ("conv_alpha".into(), "1".into())
+    );
     assert_eq!(a.optimizer_args, Some(vec!["weight_decay=0.1".to_string()]));
     assert_eq!(a.text_encoder_lr, Some(vec![1e-5, 2e-5]));
     assert_eq!(a.text_encoder_lr_single(), Some(1e-5));
@@ -145,17 +184,32 @@ fn argparse_forms() {
     // later occurrence wins
     assert_eq!(parse(&["--seed=1", "--seed=2"]).seed, Some(2));
     // int_or_float
-    assert_eq!(parse(&["--lr_warmup_steps=10%"]).lr_warmup_steps, IntOrFloat::Float(0.1));
-    assert_eq!(parse(&["--lr_warmup_steps=20"]).lr_warmup_steps, IntOrFloat::Int(20));
+    assert_eq!(
+        parse(&["--lr_warmup_steps=10%"]).lr_warmup_steps,
+        IntOrFloat::Float(0.1)
+    );
+    assert_eq!(
+        parse(&["--lr_warmup_steps=20"]).lr_warmup_steps,
+        IntOrFloat::Int(20)
+    );
     // explicit float flag keeps network_alpha a float
     assert!(!parse(&["--network_alpha=1"]).network_alpha_is_int());
 }
 
 #[test]
 fn argparse_errors() {
-    assert_eq!(parse_err(&["--learning_rate=abc"]), "argument --learning_rate: invalid float value: 'abc'");
-    assert_eq!(parse_err(&["--seed=1.5"]), "argument --seed: invalid int value: '1.5'");
-    assert_eq!(parse_err(&["--lr_warmup_steps=10.0"]), "argument --lr_warmup_steps: '10.0' is not an int or float");
+    assert_eq!(
+        parse_err(&["--learning_rate=abc"]),
+        "argument --learning_rate: invalid float value: 'abc'"
+    );
+    assert_eq!(
+        parse_err(&["--seed=1.5"]),
+        "argument --seed: invalid int value: '1.5'"
+    );
+    assert_eq!(
+        parse_err(&["--lr_warmup_steps=10.0"]),
+        "argument --lr_warmup_steps: '10.0' is not an int or float"
+    );
     assert_eq!(
         parse_err(&["--mixed_precision=fp8"]),
         "argument --mixed_precision: invalid choice: 'fp8' (choose from 'no', 'fp16', 'bf16')"
@@ -164,13 +218,30 @@ fn argparse_errors() {
         parse_err(&["--max_token_length=75"]),
         "argument --max_token_length: invalid choice: 75 (choose from None, 150, 225)"
     );
-    assert_eq!(parse_err(&["--v2=yes"]), "argument --v2: ignored explicit argument 'yes'");
-    assert_eq!(parse_err(&["--seed"]), "argument --seed: expected one argument");
+    assert_eq!(
+        parse_err(&["--v2=yes"]),
+        "argument --v2: ignored explicit argument 'yes'"
+    );
+    assert_eq!(
+        parse_err(&["--seed"]),
+        "argument --seed: expected one argument"
+    );
     assert!(parse_err(&["--save"]).starts_with("ambiguous option: --save could match"));
     // every unknown option in one error, with suggestions
-    let e = parse_err(&["--learnig_rate=1", "--max_train_epoch_s", "3", "--totally_unknown"]);
-    assert!(e.contains("--learnig_rate (did you mean --learning_rate?)"), "{e}");
-    assert!(e.contains("--max_train_epoch_s (did you mean --max_train_epochs?)"), "{e}");
+    let e = parse_err(&[
+        "--learnig_rate=1",
+        "--max_train_epoch_s",
+        "3",
+        "--totally_unknown",
+    ]);
+    assert!(
+        e.contains("--learnig_rate (did you mean --learning_rate?)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("--max_train_epoch_s (did you mean --max_train_epochs?)"),
+        "{e}"
+    );
     assert!(e.contains("--totally_unknown"), "{e}");
     assert!(parse_err(&["stray"]).contains("'stray'"));
 }
@@ -197,7 +268,10 @@ fn unsupported_options_are_refused_together() {
     ] {
         assert!(e.contains(part), "{part} missing in: {e}");
     }
-    assert!(!e.contains("xformers") && !e.contains("num_cpu_threads"), "{e}");
+    assert!(
+        !e.contains("xformers") && !e.contains("num_cpu_threads"),
+        "{e}"
+    );
     // a not-implemented option at its default value is fine
     let mut a = parse(&["--sample_sampler=ddim", "--zero_stage=2"]);
     a.verify().unwrap();
@@ -209,18 +283,38 @@ fn rejected_combinations_use_sd_scripts_messages() {
         verify_err(&["--adaptive_noise_scale=0.1"]),
         "adaptive_noise_scale requires noise_offset / adaptive_noise_scaleを使用するにはnoise_offsetが必要です"
     );
-    assert!(verify_err(&["--scale_v_pred_loss_like_noise_pred"]).starts_with("scale_v_pred_loss_like_noise_pred can be enabled only with v_parameterization"));
-    assert!(verify_err(&["--v_pred_like_loss=0.1", "--v_parameterization"]).starts_with("v_pred_like_loss cannot be enabled with v_parameterization"));
-    assert!(verify_err(&["--resolution=512,512,3"]).starts_with("resolution must be 'size' or 'width,height'"));
-    assert!(verify_err(&["--face_crop_aug_range=2,1"]).starts_with("face_crop_aug_range must be two floats"));
+    assert!(
+        verify_err(&["--scale_v_pred_loss_like_noise_pred"]).starts_with(
+            "scale_v_pred_loss_like_noise_pred can be enabled only with v_parameterization"
+        )
+    );
+    assert!(
+        verify_err(&["--v_pred_like_loss=0.1", "--v_parameterization"])
+            .starts_with("v_pred_like_loss cannot be enabled with v_parameterization")
+    );
+    assert!(verify_err(&["--resolution=512,512,3"])
+        .starts_with("resolution must be 'size' or 'width,height'"));
+    assert!(verify_err(&["--face_crop_aug_range=2,1"])
+        .starts_with("face_crop_aug_range must be two floats"));
     assert!(verify_err(&["--full_fp16"]).starts_with("full_fp16 requires mixed precision='fp16'"));
-    assert!(verify_err(&["--full_bf16", "--mixed_precision=fp16"]).starts_with("full_bf16 requires mixed precision='bf16'"));
-    assert!(verify_err(&["--use_8bit_adam", "--use_lion_optimizer"]).starts_with("both option use_8bit_adam and use_lion_optimizer"));
-    assert!(verify_err(&["--use_8bit_adam", "--optimizer_type=AdamW"]).starts_with("both option use_8bit_adam and optimizer_type"));
-    assert!(verify_err(&["--lr_scheduler=warmup"]).starts_with("'warmup' is not a valid SchedulerType, please select one of ['linear'"));
-    assert!(verify_err(&["--log_with=tensorboard"]).starts_with("logging_dir is required when log_with is tensorboard"));
+    assert!(verify_err(&["--full_bf16", "--mixed_precision=fp16"])
+        .starts_with("full_bf16 requires mixed precision='bf16'"));
+    assert!(verify_err(&["--use_8bit_adam", "--use_lion_optimizer"])
+        .starts_with("both option use_8bit_adam and use_lion_optimizer"));
+    assert!(verify_err(&["--use_8bit_adam", "--optimizer_type=AdamW"])
+        .starts_with("both option use_8bit_adam and optimizer_type"));
+    assert!(verify_err(&["--lr_scheduler=warmup"])
+        .starts_with("'warmup' is not a valid SchedulerType, please select one of ['linear'"));
+    assert!(verify_err(&["--log_with=tensorboard"])
+        .starts_with("logging_dir is required when log_with is tensorboard"));
 
-    let mut a = parse(&["--cache_latents_to_disk", "--v2", "--clip_skip=2", "--zero_terminal_snr", "--caption_extention=.txt"]);
+    let mut a = parse(&[
+        "--cache_latents_to_disk",
+        "--v2",
+        "--clip_skip=2",
+        "--zero_terminal_snr",
+        "--caption_extention=.txt",
+    ]);
     let w = a.verify().unwrap();
     assert!(a.cache_latents);
     assert_eq!(a.caption_extension, ".txt");
@@ -230,7 +324,10 @@ fn rejected_combinations_use_sd_scripts_messages() {
     assert!(w[2].starts_with("zero_terminal_snr is enabled, but v_parameterization is not enabled"));
     let mut a = parse(&["--dataset_config=c.toml", "--train_data_dir=x"]);
     assert!(a.verify().unwrap()[0].starts_with("ignoring the following options because config file is found: train_data_dir, reg_data_dir, in_json"));
-    assert_eq!(parse(&["--resolution=768"]).resolution_wh().unwrap(), Some((768, 768)));
+    assert_eq!(
+        parse(&["--resolution=768"]).resolution_wh().unwrap(),
+        Some((768, 768))
+    );
 }
 
 #[test]
@@ -246,39 +343,85 @@ fn config_file_precedence() {
     // ".toml" appended when missing; CLI beats config file; config beats defaults
     let stem = dir.join("train").to_string_lossy().to_string();
     let out = parse_train_args(&args(&["--config_file", &stem, "--max_train_epochs=7"])).unwrap();
-    let ArgsOutcome::Run(a, notices) = out else { panic!("expected a run") };
+    let ArgsOutcome::Run(a, notices) = out else {
+        panic!("expected a run")
+    };
     assert_eq!(a.max_train_epochs, Some(7));
-    assert_eq!(a.learning_rate, 2e-4, "later section wins the flattened namespace");
-    assert_eq!(a.pretrained_model_name_or_path.as_deref(), Some("m.safetensors"));
+    assert_eq!(
+        a.learning_rate, 2e-4,
+        "later section wins the flattened namespace"
+    );
+    assert_eq!(
+        a.pretrained_model_name_or_path.as_deref(),
+        Some("m.safetensors")
+    );
     assert_eq!(a.resolution_wh().unwrap(), Some((640, 512)));
     assert_eq!(a.network_args, Some(vec!["conv_dim=4".to_string()]));
     assert!(a.xformers);
     assert_eq!(a.train_batch_size, 1);
-    assert!(notices.iter().any(|n| n.contains("not_an_option")), "{notices:?}");
+    assert!(
+        notices.iter().any(|n| n.contains("not_an_option")),
+        "{notices:?}"
+    );
     // type errors name the key
     std::fs::write(&cfg, "max_train_epochs = \"4\"\n").unwrap();
-    let e = format!("{:#}", parse_train_args(&args(&["--config_file", cfg.to_str().unwrap()])).err().unwrap());
-    assert!(e.contains("max_train_epochs") && e.contains("integer"), "{e}");
+    let e = format!(
+        "{:#}",
+        parse_train_args(&args(&["--config_file", cfg.to_str().unwrap()]))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("max_train_epochs") && e.contains("integer"),
+        "{e}"
+    );
     // missing file: sd-scripts' message
-    let e = format!("{:#}", parse_train_args(&args(&["--config_file", "/nonexistent/x"])).err().unwrap());
+    let e = format!(
+        "{:#}",
+        parse_train_args(&args(&["--config_file", "/nonexistent/x"]))
+            .err()
+            .unwrap()
+    );
     assert_eq!(e, "/nonexistent/x.toml not found.");
     // --output_config writes the non-default options, refuses to overwrite
     let outcfg = dir.join("written.toml");
-    let out = parse_train_args(&args(&["--config_file", outcfg.to_str().unwrap(), "--output_config", "--learning_rate=1e-4", "--v2"])).unwrap();
+    let out = parse_train_args(&args(&[
+        "--config_file",
+        outcfg.to_str().unwrap(),
+        "--output_config",
+        "--learning_rate=1e-4",
+        "--v2",
+    ]))
+    .unwrap();
     assert!(matches!(out, ArgsOutcome::ConfigWritten(_)));
     let text = std::fs::read_to_string(&outcfg).unwrap();
-    assert!(text.contains("learning_rate = 0.0001") && text.contains("v2 = true"), "{text}");
-    assert!(!text.contains("config_file") && !text.contains("output_config"), "{text}");
+    assert!(
+        text.contains("learning_rate = 0.0001") && text.contains("v2 = true"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("config_file") && !text.contains("output_config"),
+        "{text}"
+    );
     let back = parse_train_args(&args(&["--config_file", outcfg.to_str().unwrap()])).unwrap();
-    let ArgsOutcome::Run(b, _) = back else { panic!() };
+    let ArgsOutcome::Run(b, _) = back else {
+        panic!()
+    };
     assert!(b.v2 && b.learning_rate == 1e-4);
-    assert!(parse_train_args(&args(&["--config_file", outcfg.to_str().unwrap(), "--output_config"])).is_err());
+    assert!(parse_train_args(&args(&[
+        "--config_file",
+        outcfg.to_str().unwrap(),
+        "--output_config"
+    ]))
+    .is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn help_lists_every_option() {
-    let ArgsOutcome::Help(h) = parse_train_args(&args(&["--help"])).unwrap() else { panic!() };
+    let ArgsOutcome::Help(h) = parse_train_args(&args(&["--help"])).unwrap() else {
+        panic!()
+    };
     for f in FLAGS {
         assert!(h.contains(&format!("--{}", f.name)));
     }
@@ -287,7 +430,17 @@ fn help_lists_every_option() {
 #[test]
 fn python_float_repr() {
     // Python's repr for values sd-scripts writes into metadata and logs
-    let cases = [(1e-4, "0.0001"), (1e-5, "1e-05"), (2e-6, "2e-06"), (1.0, "1.0"), (0.5, "0.5"), (1e16, "1e+16"), (123456.0, "123456.0"), (0.1 + 0.2, "0.30000000000000004"), (-3e-7, "-3e-07")];
+    let cases = [
+        (1e-4, "0.0001"),
+        (1e-5, "1e-05"),
+        (2e-6, "2e-06"),
+        (1.0, "1.0"),
+        (0.5, "0.5"),
+        (1e16, "1e+16"),
+        (123456.0, "123456.0"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        (-3e-7, "-3e-07"),
+    ];
     for (v, want) in cases {
         assert_eq!(py_float_repr(v), want);
     }

@@ -70,7 +70,11 @@ fn schedules_match_transformers() {
             .map(|(k, v)| {
                 (
                     k.parse().unwrap(),
-                    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect(),
                 )
             })
             .collect();
@@ -102,21 +106,59 @@ fn schedules_match_transformers() {
 
 #[test]
 fn constant_with_warmup_is_refused_with_sd_scripts_message() {
-    let e = Schedule::from_args("constant", parse_int_or_float("10").unwrap(), 100, 1, 1, 1.0, 1e-4)
-        .unwrap_err()
-        .to_string();
-    assert_eq!(e, "constant does not require `num_warmup_steps`. Set None or 0.");
+    let e = Schedule::from_args(
+        "constant",
+        parse_int_or_float("10").unwrap(),
+        100,
+        1,
+        1,
+        1.0,
+        1e-4,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "constant does not require `num_warmup_steps`. Set None or 0."
+    );
     // a ratio that rounds down to 0 steps is accepted, as in sd-scripts
-    assert!(Schedule::from_args("constant", parse_int_or_float("0.001").unwrap(), 100, 1, 1, 1.0, 1e-4).is_ok());
+    assert!(Schedule::from_args(
+        "constant",
+        parse_int_or_float("0.001").unwrap(),
+        100,
+        1,
+        1,
+        1.0,
+        1e-4
+    )
+    .is_ok());
 }
 
 #[test]
 fn warmup_ratio_and_first_step_lambda() {
-    let s = Schedule::from_args("linear", parse_int_or_float("0.1").unwrap(), 1000, 1, 1, 1.0, 1e-4).unwrap();
+    let s = Schedule::from_args(
+        "linear",
+        parse_int_or_float("0.1").unwrap(),
+        1000,
+        1,
+        1,
+        1.0,
+        1e-4,
+    )
+    .unwrap();
     assert_eq!(s.warmup, 100);
     // λ(0) = 0 with warmup: the first optimizer step runs at lr 0
     assert_eq!(s.lambda(0), 0.0);
-    let s = Schedule::from_args("linear", parse_int_or_float("25%").unwrap(), 1000, 2, 1, 1.0, 1e-4).unwrap();
+    let s = Schedule::from_args(
+        "linear",
+        parse_int_or_float("25%").unwrap(),
+        1000,
+        2,
+        1,
+        1.0,
+        1e-4,
+    )
+    .unwrap();
     assert_eq!((s.warmup, s.total), (500, 2000));
     assert!(parse_int_or_float("10.0").is_err());
 }

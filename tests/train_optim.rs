@@ -55,7 +55,7 @@ fn set_grads(params: &[Vec<Tensor>], grads: &Value) {
     for (gi, ps) in params.iter().enumerate() {
         for (pi, p) in ps.iter().enumerate() {
             let g = Tensor::from_slice(&floats(&grads[gi][pi])).reshape(p.size());
-            loss = loss + (p * g).sum(Kind::Float);
+            loss += (p * g).sum(Kind::Float);
         }
     }
     loss.backward();
@@ -195,4 +195,22 @@ fn optimizer_args_errors_name_the_key() {
         .unwrap()
         .to_string();
     assert!(err.contains("betas"), "{err}");
+}
+
+#[test]
+fn adamw8bit_is_built_through_the_factory() {
+    let p = Tensor::ones([8, 8], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let g = vec![ParamGroup::new("unet", vec![p.shallow_clone()], 1e-3)];
+    let kind = resolve_kind("", true, false).unwrap();
+    let (mut opt, info) = build_optimizer(kind, &["weight_decay=0.1".into()], g, 1e-3).unwrap();
+    assert_eq!(
+        info.metadata_name,
+        "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)"
+    );
+    assert!(info
+        .log_line
+        .starts_with("use 8-bit AdamW optimizer | {'weight_decay': 0.1}"));
+    (&p * 2.0).sum(Kind::Float).backward();
+    opt.step().unwrap();
+    assert!(p.double_value(&[0, 0]) < 1.0);
 }

@@ -33,9 +33,24 @@ fn run_dir_naming() {
 
 #[test]
 fn step_log_keys_follow_generate_step_logs() {
-    let lrs = vec![("textencoder".to_string(), 1e-5), ("unet".to_string(), 1e-4)];
-    let keys: Vec<String> = step_logs(0.5, 0.4, &lrs, false).into_iter().map(|(k, _)| k).collect();
-    assert_eq!(keys, ["loss/current", "loss/average", "lr/textencoder", "lr/unet", "lr/group1"]);
+    let lrs = vec![
+        ("textencoder".to_string(), 1e-5),
+        ("unet".to_string(), 1e-4),
+    ];
+    let keys: Vec<String> = step_logs(0.5, 0.4, &lrs, false)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "loss/current",
+            "loss/average",
+            "lr/textencoder",
+            "lr/unet",
+            "lr/group1"
+        ]
+    );
     let only_unet = vec![("unet".to_string(), 1e-4)];
     let logs = step_logs(0.5, 0.4, &only_unet, true);
     assert_eq!(logs[2], ("lr/unet".to_string(), 1e-4));
@@ -50,20 +65,33 @@ fn event_file_reads_back_in_python() {
     let dir = std::env::temp_dir().join(format!("sdlora-tb-{}", std::process::id()));
     let run = run_log_dir(dir.to_str().unwrap(), Some("p_"), "20240101120000", None);
     let mut w = EventWriter::create(&run).unwrap();
-    let lrs = vec![("textencoder".to_string(), 1e-5), ("unet".to_string(), 1e-4)];
+    let lrs = vec![
+        ("textencoder".to_string(), 1e-5),
+        ("unet".to_string(), 1e-4),
+    ];
     for step in 1..=3 {
-        w.log(&step_logs(0.1 * step as f64, 0.05 * step as f64, &lrs, false), step)
-            .unwrap();
+        w.log(
+            &step_logs(0.1 * step as f64, 0.05 * step as f64, &lrs, false),
+            step,
+        )
+        .unwrap();
     }
     w.add_scalar("loss/epoch_average", 0.25, 1).unwrap();
     let name = w.path.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.starts_with("events.out.tfevents."), "{name}");
     let out = std::process::Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/train_read_events.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/train_read_events.py"
+        ))
         .arg(&w.path)
         .output()
         .expect("run the Python reader (set SDLORA_PYTHON)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(events[0]["file_version"], "brain.Event:2");
     // 3 steps × 5 scalars + 1, one scalar per event
@@ -76,5 +104,9 @@ fn event_file_reads_back_in_python() {
     assert_eq!(last["scalars"]["loss/epoch_average"], 0.25);
     let lr = &events[5]; // step 1, lr/group1
     assert!((lr["scalars"]["lr/group1"].as_f64().unwrap() - 1e-4).abs() < 1e-10);
+    // SDLORA_TB_KEEP=path keeps a copy, e.g. to open with the real tensorboard reader
+    if let Ok(keep) = std::env::var("SDLORA_TB_KEEP") {
+        std::fs::copy(&w.path, keep).unwrap();
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -30,12 +30,17 @@ impl Precision {
 
 /// Decides the precision; fp16 requested on a CPU runs in fp32 (libtorch's CPU fp16 kernels are
 /// slow and partial) and returns the one notice line to log.
-pub fn resolve_precision(mixed_precision: &str, device: Device) -> Result<(Precision, Option<String>)> {
+pub fn resolve_precision(
+    mixed_precision: &str,
+    device: Device,
+) -> Result<(Precision, Option<String>)> {
     Ok(match (mixed_precision, device) {
         ("no", _) => (Precision::Fp32, None),
         ("fp16", Device::Cpu) => (
             Precision::Fp32,
-            Some("mixed_precision=fp16 needs a CUDA device; training in fp32 on the CPU".to_string()),
+            Some(
+                "mixed_precision=fp16 needs a CUDA device; training in fp32 on the CPU".to_string(),
+            ),
         ),
         ("fp16", _) => (Precision::Fp16, None),
         ("bf16", _) => (Precision::Bf16, None),
@@ -161,7 +166,10 @@ impl GradScaler {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         vec![
             ("scale".into(), Tensor::from(self.scale as f32)),
-            ("_growth_tracker".into(), Tensor::from(self.growth_tracker as i32)),
+            (
+                "_growth_tracker".into(),
+                Tensor::from(self.growth_tracker as i32),
+            ),
         ]
     }
 

@@ -145,7 +145,11 @@ pub trait FromValue: Sized {
 }
 
 fn type_err<T>(v: &Value, key: &str, want: &str) -> Result<T> {
-    bail!("--{key}: expected {want}, got {} ({})", v.type_name(), v.py_str())
+    bail!(
+        "--{key}: expected {want}, got {} ({})",
+        v.type_name(),
+        v.py_str()
+    )
 }
 
 impl FromValue for bool {
@@ -341,7 +345,8 @@ fn convert(spec: &FlagSpec, s: &str) -> Result<Value> {
     let v = match spec.kind {
         ArgKind::Str | ArgKind::Path => Value::Str(s.to_string()),
         ArgKind::Int => Value::Int(
-            py_int(s).ok_or_else(|| anyhow::anyhow!("argument --{name}: invalid int value: '{s}'"))?,
+            py_int(s)
+                .ok_or_else(|| anyhow::anyhow!("argument --{name}: invalid int value: '{s}'"))?,
         ),
         ArgKind::Float => Value::Float(
             py_float(s)
@@ -464,7 +469,9 @@ pub fn parse_cli(argv: &[String]) -> Result<CliValues> {
             continue;
         }
         let Some(body) = tok.strip_prefix("--").filter(|_| looks_like_option(tok)) else {
-            unknown.push(format!("'{tok}' (sd-scripts takes no positional arguments)"));
+            unknown.push(format!(
+                "'{tok}' (sd-scripts takes no positional arguments)"
+            ));
             continue;
         };
         let (name, inline) = match body.split_once('=') {
@@ -838,15 +845,15 @@ impl TrainArgs {
         }
         if let Some(r) = &self.face_crop_aug_range {
             let parts: Vec<Option<f64>> = r.split(',').map(py_float).collect();
-            let ok = parts.len() == 2
-                && parts.iter().all(|p| p.is_some())
-                && parts[0] <= parts[1];
+            let ok = parts.len() == 2 && parts.iter().all(|p| p.is_some()) && parts[0] <= parts[1];
             if !ok {
                 bail!("face_crop_aug_range must be two floats / face_crop_aug_rangeは'下限,上限'で指定してください: {r}");
             }
         }
         if self.dataset_config.is_some()
-            && (self.train_data_dir.is_some() || self.reg_data_dir.is_some() || self.in_json.is_some())
+            && (self.train_data_dir.is_some()
+                || self.reg_data_dir.is_some()
+                || self.in_json.is_some())
         {
             warn.push("ignoring the following options because config file is found: train_data_dir, reg_data_dir, in_json / 設定ファイルが利用されるため以下のオプションは無視されます: train_data_dir, reg_data_dir, in_json".into());
         }
@@ -872,13 +879,21 @@ impl TrainArgs {
                 list.join(", ")
             );
         }
-        if matches!(self.log_with.as_deref(), Some("tensorboard" | "all")) && self.logging_dir.is_none() {
+        if matches!(self.log_with.as_deref(), Some("tensorboard" | "all"))
+            && self.logging_dir.is_none()
+        {
             bail!("logging_dir is required when log_with is tensorboard / Tensorboardを使う場合、logging_dirを指定してください");
         }
         if let (Some(e), Some(s)) = (self.initial_epoch, self.initial_step) {
             let _ = (e, s); // both allowed; initial_step wins (spec §5.3)
         }
-        for (name, v) in [("train_batch_size", self.train_batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps)] {
+        for (name, v) in [
+            ("train_batch_size", self.train_batch_size),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
             if v < 1 {
                 bail!("--{name} must be at least 1 (got {v})");
             }
@@ -913,7 +928,9 @@ impl TrainArgs {
 
     /// `--text_encoder_lr` as train_network.py uses it for networks.lora: the first element.
     pub fn text_encoder_lr_single(&self) -> Option<f64> {
-        self.text_encoder_lr.as_ref().and_then(|v| v.first().copied())
+        self.text_encoder_lr
+            .as_ref()
+            .and_then(|v| v.first().copied())
     }
 
     /// True when `--network_alpha` is argparse's int default 1 (the saved alpha is then int64).

@@ -2,7 +2,6 @@
 //! the fixed lines, the tqdm-style "steps" progress bar with its `avr_loss=` postfix, and the
 //! LossRecorder moving average behind it.
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
-use std::fmt::Write as _;
 
 /// `train_util.LossRecorder`: epoch 0 appends every micro-batch loss; later epochs overwrite
 /// slot `step` (the micro-batch index within the epoch). The average is over the list.
@@ -97,20 +96,29 @@ pub fn running_training_lines(s: &RunSummary) -> Vec<String> {
     let bs: Vec<String> = s.batch_sizes.iter().map(|b| b.to_string()).collect();
     vec![
         "running training / 学習開始".to_string(),
-        format!("  num train images * repeats / 学習画像の数×繰り返し回数: {}", s.num_train_images),
+        format!(
+            "  num train images * repeats / 学習画像の数×繰り返し回数: {}",
+            s.num_train_images
+        ),
         format!(
             "  num validation images * repeats / 学習画像の数×繰り返し回数: {}",
             s.num_validation_images
         ),
         format!("  num reg images / 正則化画像の数: {}", s.num_reg_images),
-        format!("  num batches per epoch / 1epochのバッチ数: {}", s.batches_per_epoch),
+        format!(
+            "  num batches per epoch / 1epochのバッチ数: {}",
+            s.batches_per_epoch
+        ),
         format!("  num epochs / epoch数: {}", s.num_epochs),
         format!("  batch size per device / バッチサイズ: {}", bs.join(", ")),
         format!(
             "  gradient accumulation steps / 勾配を合計するステップ数 = {}",
             s.gradient_accumulation_steps
         ),
-        format!("  total optimization steps / 学習ステップ数: {}", s.max_train_steps),
+        format!(
+            "  total optimization steps / 学習ステップ数: {}",
+            s.max_train_steps
+        ),
     ]
 }
 
@@ -158,20 +166,31 @@ impl StepsBar {
             "{prefix}: {percent:>3}%|{bar:10}| {pos}/{len} [{tq_elapsed}<{tq_eta}, {tq_rate}{msg}]",
         )
         .expect("static template")
-        .with_key("tq_elapsed", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = w.write_str(&tqdm_interval(s.elapsed().as_secs_f64()));
-        })
-        .with_key("tq_eta", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = w.write_str(&tqdm_interval(s.eta().as_secs_f64()));
-        })
-        .with_key("tq_rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            // tqdm smoothing=0: overall average rate
-            let el = s.elapsed().as_secs_f64();
-            let rate = if el > 0.0 { s.pos() as f64 / el } else { 0.0 };
-            let _ = write!(w, "{:>6}", tqdm_rate(rate));
-        })
+        .with_key(
+            "tq_elapsed",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&tqdm_interval(s.elapsed().as_secs_f64()));
+            },
+        )
+        .with_key(
+            "tq_eta",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&tqdm_interval(s.eta().as_secs_f64()));
+            },
+        )
+        .with_key(
+            "tq_rate",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                // tqdm smoothing=0: overall average rate
+                let el = s.elapsed().as_secs_f64();
+                let rate = if el > 0.0 { s.pos() as f64 / el } else { 0.0 };
+                let _ = write!(w, "{:>6}", tqdm_rate(rate));
+            },
+        )
         .progress_chars("█▉▊▋▌▍▎▏ ");
-        let bar = ProgressBar::new(total).with_style(style).with_prefix("steps");
+        let bar = ProgressBar::new(total)
+            .with_style(style)
+            .with_prefix("steps");
         StepsBar { bar }
     }
 

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod rng_replay;
 pub mod rng_state;
 pub mod save;
+pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 
@@ -25,7 +26,10 @@ pub fn run_cli(args: &[String]) -> Result<i32> {
             return Ok(0);
         }
         args::ArgsOutcome::ConfigWritten(path) => {
-            eprintln!("Saved config file / 設定ファイルを保存しました: {}", path.display());
+            eprintln!(
+                "Saved config file / 設定ファイルを保存しました: {}",
+                path.display()
+            );
             return Ok(0);
         }
         args::ArgsOutcome::Run(a, notices) => {

@@ -85,7 +85,10 @@ impl NoiseScheduler {
     /// √ᾱ_t and √(1−ᾱ_t) shaped (B,1,1,1), with ᾱ cast to `like`'s kind and device first
     /// (diffusers' order: cast, index, then the power).
     fn coefficients(&self, timesteps: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
-        let ac = self.alphas_cumprod.to_device(like.device()).to_kind(like.kind());
+        let ac = self
+            .alphas_cumprod
+            .to_device(like.device())
+            .to_kind(like.kind());
         let t = timesteps.to_device(like.device());
         let a = ac.index_select(0, &t);
         let mut sa = a.pow_tensor_scalar(0.5).flatten(0, -1);
@@ -111,7 +114,8 @@ impl NoiseScheduler {
 
     /// all_snr[t] for a batch of timesteps (fp32, CPU).
     pub fn snr(&self, timesteps: &Tensor) -> Tensor {
-        self.all_snr.index_select(0, &timesteps.to_device(Device::Cpu))
+        self.all_snr
+            .index_select(0, &timesteps.to_device(Device::Cpu))
     }
 }
 
@@ -264,9 +268,7 @@ pub fn apply_noise_offset(
 ) -> Tensor {
     let offset = match adaptive_noise_scale {
         Some(s) => {
-            let mean = latents
-                .mean_dim(&[2i64, 3][..], true, None::<Kind>)
-                .abs();
+            let mean = latents.mean_dim(&[2i64, 3][..], true, None::<Kind>).abs();
             (offset + mean * s).clamp_min(0.0)
         }
         None => offset.shallow_clone(),
@@ -309,9 +311,7 @@ pub fn noise_latents(
     }
     let b = latents.size()[0];
     let min_t = cfg.min_timestep.unwrap_or(0);
-    let max_t = cfg
-        .max_timestep
-        .unwrap_or(sched.config.num_train_timesteps);
+    let max_t = cfg.max_timestep.unwrap_or(sched.config.num_train_timesteps);
     let timesteps = if min_t < max_t {
         Tensor::randint_low(min_t, max_t, [b], (Kind::Int64, Device::Cpu))
     } else {
@@ -365,12 +365,17 @@ pub fn huber_c(cfg: &LossConfig, sched: &NoiseScheduler, timesteps: &Tensor) -> 
 }
 
 /// `conditional_loss(..., reduction="none")`: the element loss.
-pub fn conditional_loss(pred: &Tensor, target: &Tensor, loss_type: LossType, huber_c: Option<&Tensor>) -> Tensor {
+pub fn conditional_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    loss_type: LossType,
+    huber_c: Option<&Tensor>,
+) -> Tensor {
     let diff = pred - target;
     let hc = || {
         let c = huber_c.expect("huber_c is computed for huber / smooth_l1");
         let mut shape = vec![-1i64];
-        shape.extend(std::iter::repeat_n(1, (pred.dim() - 1) as usize));
+        shape.extend(std::iter::repeat_n(1, pred.dim() - 1));
         c.view(shape.as_slice())
     };
     match loss_type {
@@ -388,7 +393,12 @@ pub fn conditional_loss(pred: &Tensor, target: &Tensor, loss_type: LossType, hub
 }
 
 /// `post_process_loss` on the per-sample loss (B,), in sd-scripts' order.
-pub fn post_process_loss(cfg: &LossConfig, sched: &NoiseScheduler, loss: Tensor, timesteps: &Tensor) -> Tensor {
+pub fn post_process_loss(
+    cfg: &LossConfig,
+    sched: &NoiseScheduler,
+    loss: Tensor,
+    timesteps: &Tensor,
+) -> Tensor {
     let dev = loss.device();
     let snr = || sched.snr(timesteps);
     let clipped = || snr().clamp_max(1000.0);
@@ -401,12 +411,12 @@ pub fn post_process_loss(cfg: &LossConfig, sched: &NoiseScheduler, loss: Tensor,
         } else {
             m / s
         };
-        loss = loss * w.to_kind(Kind::Float).to_device(dev);
+        loss *= w.to_kind(Kind::Float).to_device(dev);
     }
     if cfg.scale_v_pred_loss_like_noise_pred {
         let s = clipped();
         let scale = &s / (&s + 1.0);
-        loss = loss * scale.to_device(dev);
+        loss *= scale.to_device(dev);
     }
     if let Some(k) = cfg.v_pred_like_loss {
         let s = clipped();
@@ -469,7 +479,10 @@ pub fn step_loss(
     );
     let dims: Vec<i64> = (1..elem.dim() as i64).collect();
     let per_sample = elem.mean_dim(dims.as_slice(), false, None::<Kind>);
-    let per_sample = per_sample * loss_weights.to_device(latents.device()).to_kind(Kind::Float);
+    let per_sample = per_sample
+        * loss_weights
+            .to_device(latents.device())
+            .to_kind(Kind::Float);
     let per_sample = post_process_loss(cfg, sched, per_sample, &nb.timesteps);
     Ok(StepLoss {
         loss: per_sample.mean(Kind::Float),

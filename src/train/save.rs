@@ -68,7 +68,10 @@ impl SavePlan {
 
     /// `{name}.{ext}` (name defaults to "last").
     pub fn last_ckpt_name(&self) -> String {
-        let n = self.output_name.as_deref().unwrap_or(DEFAULT_LAST_OUTPUT_NAME);
+        let n = self
+            .output_name
+            .as_deref()
+            .unwrap_or(DEFAULT_LAST_OUTPUT_NAME);
         format!("{n}{}", self.ext())
     }
 
@@ -86,7 +89,10 @@ impl SavePlan {
 
     /// `{name}-state`.
     pub fn last_state_name(&self) -> String {
-        let n = self.output_name.as_deref().unwrap_or(DEFAULT_LAST_OUTPUT_NAME);
+        let n = self
+            .output_name
+            .as_deref()
+            .unwrap_or(DEFAULT_LAST_OUTPUT_NAME);
         format!("{n}-state")
     }
 
@@ -158,7 +164,9 @@ impl SavePlan {
                 }
             }
         }
-        a.remove = self.remove_step_no(global_step).map(|r| self.step_ckpt_name(r));
+        a.remove = self
+            .remove_step_no(global_step)
+            .map(|r| self.step_ckpt_name(r));
         a
     }
 

@@ -15,7 +15,11 @@ fn crc32c_table() -> [u32; 256] {
     for (i, slot) in t.iter_mut().enumerate() {
         let mut c = i as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ CRC32C_POLY } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ CRC32C_POLY
+            } else {
+                c >> 1
+            };
         }
         *slot = c;
     }
@@ -69,7 +73,12 @@ fn bytes_field(field: u32, data: &[u8], out: &mut Vec<u8>) {
 }
 
 /// `Event { wall_time = 1 (double), step = 2 (int64), file_version = 3 | summary = 5 }`.
-pub fn encode_event(wall_time: f64, step: i64, file_version: Option<&str>, summary: Option<&[u8]>) -> Vec<u8> {
+pub fn encode_event(
+    wall_time: f64,
+    step: i64,
+    file_version: Option<&str>,
+    summary: Option<&[u8]>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     key(1, 1, &mut out);
     out.extend_from_slice(&wall_time.to_le_bytes());
@@ -130,7 +139,12 @@ pub fn local_timestamp() -> String {
 
 /// `{logging_dir}/{log_prefix}{timestamp}/{tracker_name}` (`TU:prepare_accelerator` joins with
 /// "/"; accelerate's tracker adds the run name, "network_train" unless --log_tracker_name).
-pub fn run_log_dir(logging_dir: &str, log_prefix: Option<&str>, timestamp: &str, tracker_name: Option<&str>) -> PathBuf {
+pub fn run_log_dir(
+    logging_dir: &str,
+    log_prefix: Option<&str>,
+    timestamp: &str,
+    tracker_name: Option<&str>,
+) -> PathBuf {
     let base = format!("{logging_dir}/{}{timestamp}", log_prefix.unwrap_or(""));
     Path::new(&base).join(tracker_name.unwrap_or("network_train"))
 }
@@ -145,7 +159,8 @@ impl EventWriter {
     /// Creates `dir` and `events.out.tfevents.{secs:010}.{host}.{pid}.0` with the
     /// "brain.Event:2" header event.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating log dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating log dir {}", dir.display()))?;
         let now = now_secs();
         let host = hostname();
         let name = format!(

@@ -119,8 +119,7 @@ pub struct OptimizerInfo {
     pub forced_scheduler: Option<String>,
 }
 
-/// Builds the optimizer. `learning_rate` is `--learning_rate` (the constructor default lr). For
-/// AdamW8bit this returns the parsed kwargs only; its optimizer lives in `optim::adamw8bit`.
+/// Builds the optimizer. `learning_rate` is `--learning_rate` (the constructor default lr).
 pub fn build_optimizer(
     kind: OptimizerKind,
     optimizer_args: &[String],
@@ -234,10 +233,7 @@ pub fn build_optimizer(
             };
             (Box::new(Adafactor::new(groups, lr, c)?), line)
         }
-        OptimizerKind::AdamW8bit => bail!(
-            "AdamW8bit is built by train::optim::adamw8bit (kwargs: {})",
-            kwargs_repr(&kw)
-        ),
+        OptimizerKind::AdamW8bit => super::adamw8bit::build(&kw, groups, learning_rate)?,
     };
     let class = opt.class_name();
     let metadata_name = if args_str.is_empty() {

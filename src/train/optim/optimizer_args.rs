@@ -195,7 +195,9 @@ fn parse_number(tok: &str) -> Option<PyValue> {
     }
     if body_clean.chars().all(|c| c.is_ascii_digit()) {
         // Python 3 rejects leading zeros in non-zero decimal ints
-        if body_clean.len() > 1 && body_clean.starts_with('0') && body_clean.trim_matches('0') != ""
+        if body_clean.len() > 1
+            && body_clean.starts_with('0')
+            && !body_clean.trim_matches('0').is_empty()
         {
             return None;
         }
