@@ -7,7 +7,8 @@
 //! Python `random` stream (dataset order, augmentations, multires noise) is the data module's
 //! port; everything torch draws comes from libtorch's global generators (the CPU one for model
 //! init replay, LoRA init, DataLoader seeds and timesteps; the device one for noise).
-use super::amp::{clip_grad_norm, resolve_precision, GradScaler, Precision, ScalerConfig};
+use super::amp::{resolve_precision, GradScaler, Precision, ScalerConfig};
+use super::step::finish_optimizer_step;
 use super::args::TrainArgs;
 use super::console::{epoch_line, running_training_lines, LossRecorder, RunSummary, StepsBar};
 use super::counting;
@@ -462,7 +463,6 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     if groups.is_empty() {
         bail!("no parameters to train: every parameter group has learning rate 0 (check --unet_lr / --text_encoder_lr / --learning_rate)");
     }
-    let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.iter().map(|p| p.shallow_clone())).collect();
     let all_params = network.parameters();
     let (mut opt, opt_log, opt_meta, forced_sched) = if opt_kind == OptimizerKind::AdamW8bit {
         let kw = parse_kwargs(a.optimizer_args.as_deref().unwrap_or(&[]), "--optimizer_args")?;
@@ -663,16 +663,7 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
             step_in_epoch += 1;
             let sync = step_in_epoch % ga as usize == 0 || step_in_epoch == batches as usize;
             if sync {
-                let finite = scaler.unscale(&all_params);
-                if max_grad_norm != 0.0 && finite {
-                    clip_grad_norm(&all_params, max_grad_norm);
-                }
-                let stepped = scaler.step(opt.as_mut(), &params)?;
-                scaler.update();
-                if stepped {
-                    lr_sched.step(opt.as_mut(), 1);
-                }
-                opt.zero_grad();
+                finish_optimizer_step(opt.as_mut(), &mut scaler, &mut lr_sched, &all_params, max_grad_norm, 1)?;
                 if let Some(m) = a.scale_weight_norms {
                     network.apply_max_norm_regularization(m);
                 }
