@@ -235,6 +235,25 @@ impl TorchCpuGenerator {
     }
 }
 
+/// The generator's full state, for `--save_state` / `--resume` (`random.getstate()`).
+impl PyRandom {
+    pub fn getstate(&self) -> (Vec<u32>, usize) {
+        (self.mt.mt.to_vec(), self.mt.mti)
+    }
+
+    pub fn setstate(&mut self, words: &[u32], index: usize) -> anyhow::Result<()> {
+        if words.len() != N || index > N {
+            anyhow::bail!(
+                "Python random state: expected {N} words and an index ≤ {N}, got {} and {index}",
+                words.len()
+            );
+        }
+        self.mt.mt.copy_from_slice(words);
+        self.mt.mti = index;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,21 +274,5 @@ mod tests {
         s.sort();
         assert_eq!(s, (0..100).collect::<Vec<_>>());
         assert_ne!(v, s);
-    }
-}
-
-/// The generator's full state, for `--save_state` / `--resume` (`random.getstate()`).
-impl PyRandom {
-    pub fn getstate(&self) -> (Vec<u32>, usize) {
-        (self.mt.mt.to_vec(), self.mt.mti)
-    }
-
-    pub fn setstate(&mut self, words: &[u32], index: usize) -> anyhow::Result<()> {
-        if words.len() != N || index > N {
-            anyhow::bail!("Python random state: expected {N} words and an index ≤ {N}, got {} and {index}", words.len());
-        }
-        self.mt.mt.copy_from_slice(words);
-        self.mt.mti = index;
-        Ok(())
     }
 }

@@ -289,7 +289,7 @@ mod tests {
             skips.push(h.shallow_clone());
             h = h.matmul(&n.outer);
         }
-        h = h + skips[0].shallow_clone() * 0.5;
+        h += skips[0].shallow_clone() * 0.5;
         (h - &n.target).square().mean(Kind::Float)
     }
 

@@ -1,17 +1,22 @@
 //! The dataset part of a LoRA's metadata (`ss_datasets`, `ss_tag_frequency`,
 //! `ss_dataset_dirs`, …) as `json.dumps` writes it in train_network.py (spec:
 //! sdscripts_cli_data.md §5.4): default separators, ASCII escapes, Python key order.
+use super::args::TrainArgs;
 use crate::data::config::DatasetKind;
 use crate::data::dataset::{Dataset, DatasetGroup};
-use super::args::TrainArgs;
 use crate::lora::metadata::{py_float, py_json_str, DatasetFacts};
 
 fn opt_str(v: &Option<String>) -> String {
-    v.as_deref().map(py_json_str).unwrap_or_else(|| "null".into())
+    v.as_deref()
+        .map(py_json_str)
+        .unwrap_or_else(|| "null".into())
 }
 
 fn obj(pairs: &[(&str, String)]) -> String {
-    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{}: {v}", py_json_str(k))).collect();
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", py_json_str(k)))
+        .collect();
     format!("{{{}}}", inner.join(", "))
 }
 
@@ -30,7 +35,12 @@ fn basename(p: &str) -> String {
 fn tag_frequency(ds: &Dataset) -> Vec<(String, Vec<(String, i64)>)> {
     let mut dirs: Vec<(String, Vec<(String, i64)>)> = vec![];
     for (si, sub) in ds.subsets.iter().enumerate() {
-        let Some(dir) = sub.params.image_dir.as_deref().or(sub.params.metadata_file.as_deref()) else {
+        let Some(dir) = sub
+            .params
+            .image_dir
+            .as_deref()
+            .or(sub.params.metadata_file.as_deref())
+        else {
             continue;
         };
         let name = basename(dir);
@@ -63,11 +73,17 @@ fn freq_json(dirs: &[(String, Vec<(String, i64)>)]) -> String {
     let parts: Vec<(String, String)> = dirs
         .iter()
         .map(|(d, f)| {
-            let inner: Vec<String> = f.iter().map(|(t, n)| format!("{}: {n}", py_json_str(t))).collect();
+            let inner: Vec<String> = f
+                .iter()
+                .map(|(t, n)| format!("{}: {n}", py_json_str(t)))
+                .collect();
             (d.clone(), format!("{{{}}}", inner.join(", ")))
         })
         .collect();
-    let inner: Vec<String> = parts.iter().map(|(k, v)| format!("{}: {v}", py_json_str(k))).collect();
+    let inner: Vec<String> = parts
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", py_json_str(k)))
+        .collect();
     format!("{{{}}}", inner.join(", "))
 }
 
@@ -78,9 +94,18 @@ fn bucket_info_json(ds: &Dataset) -> String {
             let buckets: Vec<String> = b
                 .buckets
                 .iter()
-                .map(|(i, r, c)| format!("\"{i}\": {{\"resolution\": [{}, {}], \"count\": {c}}}", r.0, r.1))
+                .map(|(i, r, c)| {
+                    format!(
+                        "\"{i}\": {{\"resolution\": [{}, {}], \"count\": {c}}}",
+                        r.0, r.1
+                    )
+                })
                 .collect();
-            format!("{{\"buckets\": {{{}}}, \"mean_img_ar_error\": {}}}", buckets.join(", "), py_float(b.mean_img_ar_error))
+            format!(
+                "{{\"buckets\": {{{}}}, \"mean_img_ar_error\": {}}}",
+                buckets.join(", "),
+                py_float(b.mean_img_ar_error)
+            )
         }
     }
 }
@@ -108,7 +133,10 @@ pub fn toml_facts(group: &DatasetGroup) -> DatasetFacts {
                 ("random_crop", p.random_crop.to_string()),
                 ("shuffle_caption", p.shuffle_caption.to_string()),
                 ("keep_tokens", p.keep_tokens.to_string()),
-                ("keep_tokens_separator", py_json_str(&p.keep_tokens_separator)),
+                (
+                    "keep_tokens_separator",
+                    py_json_str(&p.keep_tokens_separator),
+                ),
                 ("secondary_separator", opt_str(&p.secondary_separator)),
                 ("enable_wildcard", p.enable_wildcard.to_string()),
                 ("caption_prefix", opt_str(&p.caption_prefix)),
@@ -140,7 +168,13 @@ pub fn toml_facts(group: &DatasetGroup) -> DatasetFacts {
                     v = format!("{k} ({i})");
                     i += 1;
                 }
-                dirs.push((v, format!("{{\"n_repeats\": {}, \"img_count\": {}}}", p.num_repeats, sub.img_count)));
+                dirs.push((
+                    v,
+                    format!(
+                        "{{\"n_repeats\": {}, \"img_count\": {}}}",
+                        p.num_repeats, sub.img_count
+                    ),
+                ));
             }
         }
         let fields: Vec<(&str, String)> = vec![
@@ -154,7 +188,10 @@ pub fn toml_facts(group: &DatasetGroup) -> DatasetFacts {
             ("max_bucket_reso", opt_int(ds.max_bucket_reso)),
             ("tag_frequency", freq_json(&tf)),
             ("bucket_info", bucket_info_json(ds)),
-            ("resize_interpolation", opt_str(&ds.params.resize_interpolation)),
+            (
+                "resize_interpolation",
+                opt_str(&ds.params.resize_interpolation),
+            ),
             ("subsets", format!("[{}]", subsets.join(", "))),
         ];
         datasets.push(obj(&fields));
@@ -164,7 +201,10 @@ pub fn toml_facts(group: &DatasetGroup) -> DatasetFacts {
             }
         }
     }
-    let dirs_json: Vec<String> = dirs.iter().map(|(k, v)| format!("{}: {v}", py_json_str(k))).collect();
+    let dirs_json: Vec<String> = dirs
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", py_json_str(k)))
+        .collect();
     DatasetFacts::Toml {
         datasets_json: format!("[{}]", datasets.join(", ")),
         tag_frequency_json: freq_json(&tag_freq),
@@ -179,8 +219,18 @@ pub fn dirs_facts(group: &DatasetGroup, a: &TrainArgs) -> anyhow::Result<Dataset
     let mut reg_dirs = vec![];
     for sub in &ds.subsets {
         let p = &sub.params;
-        let name = basename(p.image_dir.as_deref().or(p.metadata_file.as_deref()).unwrap_or(""));
-        let v = format!("{}: {{\"n_repeats\": {}, \"img_count\": {}}}", py_json_str(&name), p.num_repeats, sub.img_count);
+        let name = basename(
+            p.image_dir
+                .as_deref()
+                .or(p.metadata_file.as_deref())
+                .unwrap_or(""),
+        );
+        let v = format!(
+            "{}: {{\"n_repeats\": {}, \"img_count\": {}}}",
+            py_json_str(&name),
+            p.num_repeats,
+            sub.img_count
+        );
         if p.is_reg && ds.kind == DatasetKind::DreamBooth {
             reg_dirs.push(v);
         } else {

@@ -8,7 +8,6 @@
 //! port; everything torch draws comes from libtorch's global generators (the CPU one for model
 //! init replay, LoRA init, DataLoader seeds and timesteps; the device one for noise).
 use super::amp::{resolve_precision, GradScaler, Precision, ScalerConfig};
-use super::step::finish_optimizer_step;
 use super::args::TrainArgs;
 use super::console::{epoch_line, running_training_lines, LossRecorder, RunSummary, StepsBar};
 use super::counting;
@@ -19,6 +18,7 @@ use super::optim::common::{Optimizer, ParamGroup as OptGroup};
 use super::optim::optimizer_args::parse_kwargs;
 use super::rng_replay::{self, BaseModels, InitPlan};
 use super::save::{output_path, removing_line, saving_line, train_state_json, SavePlan};
+use super::step::finish_optimizer_step;
 use super::tensorboard::{local_timestamp, run_log_dir, EventWriter};
 use crate::data::args::DataArgs;
 use crate::data::cache::{cache_latents, LatentEncoder};
@@ -157,7 +157,9 @@ impl Saver<'_> {
     fn save_lora(&self, net: &LoraNetwork, name: &str, steps: i64, epoch: i64) -> Result<()> {
         let path = output_path(&self.out_dir, name);
         println!("{}", saving_line(&path));
-        let meta = self.facts.save_metadata(&self.start_meta, steps, epoch, now_unix());
+        let meta = self
+            .facts
+            .save_metadata(&self.start_meta, steps, epoch, now_unix());
         net.save(&path, save_precision(self.a), &meta)
             .with_context(|| format!("saving {}", path.display()))?;
         Ok(())
@@ -167,7 +169,11 @@ impl Saver<'_> {
         let path = output_path(&self.out_dir, name);
         if path.exists() {
             println!("{}", removing_line(&path));
-            let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            let r = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
             if let Err(e) = r {
                 warn(format!("could not remove {}: {e}", path.display()));
             }
@@ -200,7 +206,10 @@ fn save_state(dir: &Path, st: &TrainState<'_>) -> Result<()> {
     for (k, t) in st.scaler.state_tensors() {
         tensors.push((format!("scaler.{k}"), t.to_device(Device::Cpu)));
     }
-    tensors.push(("rng.torch_cpu".into(), super::rng_state::get_state(Device::Cpu)?));
+    tensors.push((
+        "rng.torch_cpu".into(),
+        super::rng_state::get_state(Device::Cpu)?,
+    ));
     if let Some(d) = st.cuda {
         tensors.push(("rng.torch_cuda".into(), super::rng_state::get_state(d)?));
     }
@@ -231,7 +240,13 @@ struct ResumedState {
 }
 
 /// `--resume DIR`: restores the LoRA, optimizer, scaler and RNG states written by `save_state`.
-fn load_state(dir: &Path, net: &LoraNetwork, opt: &mut dyn Optimizer, scaler: &mut GradScaler, cuda: Option<Device>) -> Result<ResumedState> {
+fn load_state(
+    dir: &Path,
+    net: &LoraNetwork,
+    opt: &mut dyn Optimizer,
+    scaler: &mut GradScaler,
+    cuda: Option<Device>,
+) -> Result<ResumedState> {
     let file = dir.join("state.safetensors");
     let json_path = dir.join("sdlora_state.json");
     if !file.is_file() || !json_path.is_file() {
@@ -240,11 +255,15 @@ fn load_state(dir: &Path, net: &LoraNetwork, opt: &mut dyn Optimizer, scaler: &m
             dir.display()
         );
     }
-    let tensors = Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
+    let tensors =
+        Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
     let pick = |prefix: &str| -> Vec<(String, Tensor)> {
         tensors
             .iter()
-            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|k| (k.to_string(), t.shallow_clone())))
+            .filter_map(|(k, t)| {
+                k.strip_prefix(prefix)
+                    .map(|k| (k.to_string(), t.shallow_clone()))
+            })
             .collect()
     };
     let lora = crate::lora::file::LoraFile::from_tensors(
@@ -253,20 +272,32 @@ fn load_state(dir: &Path, net: &LoraNetwork, opt: &mut dyn Optimizer, scaler: &m
         BTreeMap::new(),
     )?;
     net.load_file(&lora)?;
-    opt.load_state_tensors(&pick("optimizer.")).with_context(|| format!("optimizer state in {}", file.display()))?;
+    opt.load_state_tensors(&pick("optimizer."))
+        .with_context(|| format!("optimizer state in {}", file.display()))?;
     scaler.load_state_tensors(&pick("scaler."))?;
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path)?)
         .with_context(|| format!("parsing {}", json_path.display()))?;
     let int = |k: &str| -> Result<i64> {
-        json[k].as_i64().with_context(|| format!("{}: missing integer `{k}`", json_path.display()))
+        json[k]
+            .as_i64()
+            .with_context(|| format!("{}: missing integer `{k}`", json_path.display()))
     };
     let words: Vec<u32> = json["python_random"]["state"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64().map(|x| x as u32))
+                .collect()
+        })
         .unwrap_or_default();
     let index = json["python_random"]["index"].as_u64().unwrap_or(0) as usize;
-    let rng = tensors.iter().find(|(k, _)| k == "rng.torch_cpu").map(|(_, t)| t.shallow_clone());
-    let Some(rng) = rng else { bail!("{}: no rng.torch_cpu state", file.display()) };
+    let rng = tensors
+        .iter()
+        .find(|(k, _)| k == "rng.torch_cpu")
+        .map(|(_, t)| t.shallow_clone());
+    let Some(rng) = rng else {
+        bail!("{}: no rng.torch_cpu state", file.display())
+    };
     super::rng_state::set_state(Device::Cpu, &rng)?;
     if let (Some(d), Some((_, t))) = (cuda, tensors.iter().find(|(k, _)| k == "rng.torch_cuda")) {
         super::rng_state::set_state(d, t)?;
@@ -282,9 +313,15 @@ fn load_state(dir: &Path, net: &LoraNetwork, opt: &mut dyn Optimizer, scaler: &m
 /// An unpredictable seed, like the one Python's `random` starts from (os.urandom).
 fn entropy() -> i128 {
     let mut buf = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        buf[..16].copy_from_slice(&(t.as_nanos() ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        buf[..16]
+            .copy_from_slice(&(t.as_nanos() ^ ((std::process::id() as u128) << 64)).to_le_bytes());
     }
     (u128::from_le_bytes(buf) >> 1) as i128
 }
@@ -349,7 +386,11 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     let lora_opts = LoraOptions::from_args(
         a.network_module.as_deref(),
         a.network_dim,
-        if a.is_set("network_alpha") { Some(a.network_alpha) } else { None },
+        if a.is_set("network_alpha") {
+            Some(a.network_alpha)
+        } else {
+            None
+        },
         a.network_dropout,
         a.network_args.as_deref().unwrap_or(&[]),
         a.network_train_unet_only,
@@ -357,20 +398,32 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     )?;
     let opt_kind = resolve_kind(&a.optimizer_type, a.use_8bit_adam, a.use_lion_optimizer)?;
 
-    let device = if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu };
+    let device = if tch::Cuda::is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
     let (precision, notice) = resolve_precision(&a.mixed_precision, device)?;
     if let Some(n) = notice {
         println!("{n}");
     }
     let weight_kind = precision.weight_kind();
-    let vae_kind = if a.no_half_vae { Kind::Float } else { weight_kind };
+    let vae_kind = if a.no_half_vae {
+        Kind::Float
+    } else {
+        weight_kind
+    };
     let autocast = precision != Precision::Fp32 && device.is_cuda();
     if autocast {
         super::amp::set_autocast_dtype(weight_kind);
     }
 
     // --- dataset (sd-scripts builds it right after seeding)
-    info(if a.v2 { "Using v2 tokenizer" } else { "Using v1 tokenizer" });
+    info(if a.v2 {
+        "Using v2 tokenizer"
+    } else {
+        "Using v1 tokenizer"
+    });
     let dargs = data_args(a, seed)?;
     let mut group: DatasetGroup = build_dataset_group(&dargs)?;
     if group.is_empty() {
@@ -379,7 +432,10 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     let tokenizer = ClipTokenizer::for_v2(a.v2);
 
     // --- models (§2.5): frozen weights in the weight dtype, built on the target device
-    println!("accelerator device: {}", if device.is_cuda() { "cuda" } else { "cpu" });
+    println!(
+        "accelerator device: {}",
+        if device.is_cuda() { "cuda" } else { "cpu" }
+    );
     info("loading model for process 0/1");
     info(format!("load StableDiffusion checkpoint: {model_path}"));
     let t_load = std::time::Instant::now();
@@ -398,7 +454,9 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     let extra_vae = a.vae.as_deref().map(|v| checkpoint_format(Path::new(v)));
     // sd-scripts' model construction draws from the CPU generator before any weight is loaded;
     // replay those draws so LoRA init and timesteps match its runs (rng_replay.rs).
-    rng_replay::replay(&InitPlan::for_sd_scripts(&BaseModels::from_checkpoint(&ck, format, extra_vae)));
+    rng_replay::replay(&InitPlan::for_sd_scripts(&BaseModels::from_checkpoint(
+        &ck, format, extra_vae,
+    )));
     if let Some(v) = a.vae.as_deref() {
         info(format!("load VAE: {v}"));
         let (cfg, w) = load_vae(Path::new(v), device, vae_kind)?;
@@ -406,12 +464,28 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
         ck.vae = w;
     }
     let mut unet = UNet2DConditionModel::load(&ck.unet_config, &mut ck.unet)?;
-    std::mem::replace(&mut ck.unet, crate::models::weights::WeightMap::new("", device, weight_kind)).finish()?;
+    std::mem::replace(
+        &mut ck.unet,
+        crate::models::weights::WeightMap::new("", device, weight_kind),
+    )
+    .finish()?;
     let mut text_encoder = ClipTextModel::load(&mut ck.text_encoder, &ck.clip_config)?;
-    std::mem::replace(&mut ck.text_encoder, crate::models::weights::WeightMap::new("", device, weight_kind))
-        .finish()?;
-    let vae = AutoencoderKL::load(&ck.vae_config, std::mem::replace(&mut ck.vae, crate::models::weights::WeightMap::new("", device, vae_kind)))?;
-    info(format!("models loaded in {:.1}s", t_load.elapsed().as_secs_f64()));
+    std::mem::replace(
+        &mut ck.text_encoder,
+        crate::models::weights::WeightMap::new("", device, weight_kind),
+    )
+    .finish()?;
+    let vae = AutoencoderKL::load(
+        &ck.vae_config,
+        std::mem::replace(
+            &mut ck.vae,
+            crate::models::weights::WeightMap::new("", device, vae_kind),
+        ),
+    )?;
+    info(format!(
+        "models loaded in {:.1}s",
+        t_load.elapsed().as_secs_f64()
+    ));
     let backend = AttentionBackend::from_flags(a.mem_eff_attn, a.xformers, a.sdpa);
     unet.set_attention_backend(backend);
     if a.xformers || a.sdpa || a.mem_eff_attn {
@@ -423,20 +497,38 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
 
     // --- latent cache (§3.11), VAE posterior samples from the device generator
     if a.cache_latents {
-        let enc = VaeEncoder { vae: &vae, device, kind: vae_kind };
+        let enc = VaeEncoder {
+            vae: &vae,
+            device,
+            kind: vae_kind,
+        };
         cache_latents(&mut group, &enc, true)?;
     }
 
     // --- LoRA (§3): TE modules first, then UNet, init from the CPU generator
-    println!("import network module: {}", a.network_module.as_deref().unwrap_or(""));
+    println!(
+        "import network module: {}",
+        a.network_module.as_deref().unwrap_or("")
+    );
     let network = if a.dim_from_weights {
         let Some(w) = a.network_weights.as_deref() else {
-            bail!("--dim_from_weights needs --network_weights (the LoRA file to take the ranks from)");
+            bail!(
+                "--dim_from_weights needs --network_weights (the LoRA file to take the ranks from)"
+            );
         };
         let file = crate::lora::file::LoraFile::load(Path::new(w))?;
-        LoraNetwork::create_from_weights(Some(&mut text_encoder as &mut dyn VisitLayers), &mut unet, &file, &lora_opts)?
+        LoraNetwork::create_from_weights(
+            Some(&mut text_encoder as &mut dyn VisitLayers),
+            &mut unet,
+            &file,
+            &lora_opts,
+        )?
     } else {
-        LoraNetwork::create(Some(&mut text_encoder as &mut dyn VisitLayers), &mut unet, &lora_opts)?
+        LoraNetwork::create(
+            Some(&mut text_encoder as &mut dyn VisitLayers),
+            &mut unet,
+            &lora_opts,
+        )?
     };
     for l in network.log_lines() {
         info(l);
@@ -465,27 +557,43 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     }
     let all_params = network.parameters();
     let (mut opt, opt_log, opt_meta, forced_sched) = if opt_kind == OptimizerKind::AdamW8bit {
-        let kw = parse_kwargs(a.optimizer_args.as_deref().unwrap_or(&[]), "--optimizer_args")?;
+        let kw = parse_kwargs(
+            a.optimizer_args.as_deref().unwrap_or(&[]),
+            "--optimizer_args",
+        )?;
         let (o, line) = super::optim::adamw8bit::build(&kw, groups, a.learning_rate)?;
-        let args_str: Vec<String> = kw.iter().map(|(k, v)| format!("{k}={}", v.py_str())).collect();
-        let meta = if args_str.is_empty() { o.class_name() } else { format!("{}({})", o.class_name(), args_str.join(",")) };
+        let args_str: Vec<String> = kw
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.py_str()))
+            .collect();
+        let meta = if args_str.is_empty() {
+            o.class_name()
+        } else {
+            format!("{}({})", o.class_name(), args_str.join(","))
+        };
         (o, line, meta, None)
     } else {
-        let (o, i) = build_optimizer(opt_kind, a.optimizer_args.as_deref().unwrap_or(&[]), groups, a.learning_rate)?;
+        let (o, i) = build_optimizer(
+            opt_kind,
+            a.optimizer_args.as_deref().unwrap_or(&[]),
+            groups,
+            a.learning_rate,
+        )?;
         (o, i.log_line, i.metadata_name, i.forced_scheduler)
     };
     info(opt_log);
 
     let batches = group.len() as i64;
     let ga = a.gradient_accumulation_steps;
-    let max_train_steps = counting::max_train_steps(a.max_train_epochs, a.max_train_steps, batches, 1, ga);
+    let max_train_steps =
+        counting::max_train_steps(a.max_train_epochs, a.max_train_steps, batches, 1, ga);
     if let Some(e) = a.max_train_epochs {
         println!("{}", counting::override_steps_line(e, max_train_steps));
     }
     let scheduler_name = forced_sched.unwrap_or_else(|| a.lr_scheduler.clone());
     let schedule = Schedule::from_args(
         &scheduler_name,
-        a.lr_warmup_steps.clone(),
+        a.lr_warmup_steps,
         max_train_steps,
         1,
         a.lr_scheduler_num_cycles,
@@ -493,7 +601,10 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
         a.learning_rate,
     )?;
     let mut lr_sched = LrScheduler::new(schedule, opt.as_mut());
-    let mut scaler = GradScaler::new(precision.uses_grad_scaler() && device.is_cuda(), ScalerConfig::default());
+    let mut scaler = GradScaler::new(
+        precision.uses_grad_scaler() && device.is_cuda(),
+        ScalerConfig::default(),
+    );
 
     let update_steps_per_epoch = counting::num_update_steps_per_epoch(batches, ga);
     let num_epochs = counting::num_train_epochs(max_train_steps, update_steps_per_epoch);
@@ -508,7 +619,10 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     if let Some(dir) = a.resume.as_deref() {
         info(format!("resume training from local state: {dir}"));
         let st = load_state(Path::new(dir), &network, opt.as_mut(), &mut scaler, cuda)?;
-        info(format!("saved state: epoch {}, step {}", st.epoch, st.global_step));
+        info(format!(
+            "saved state: epoch {}, step {}",
+            st.epoch, st.global_step
+        ));
         lr_sched.set_steps(st.scheduler_steps, opt.as_mut());
         resumed = Some(st);
     }
@@ -529,7 +643,18 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     }
 
     // --- metadata (§5.4)
-    let facts = training_facts(a, &group, seed, session_id, t_start, batches, num_epochs, max_train_steps, &opt_meta, &scheduler_name)?;
+    let facts = training_facts(
+        a,
+        &group,
+        seed,
+        session_id,
+        t_start,
+        batches,
+        num_epochs,
+        max_train_steps,
+        &opt_meta,
+        &scheduler_name,
+    )?;
     let start_meta = facts.start_metadata()?;
     let saver = Saver {
         a,
@@ -549,7 +674,8 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
         facts,
         start_meta,
     };
-    std::fs::create_dir_all(&saver.out_dir).with_context(|| format!("creating --output_dir {out_dir}"))?;
+    std::fs::create_dir_all(&saver.out_dir)
+        .with_context(|| format!("creating --output_dir {out_dir}"))?;
 
     let summary = RunSummary {
         num_train_images: group.num_train_images as i64,
@@ -564,12 +690,29 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     for l in running_training_lines(&summary) {
         println!("{l}");
     }
-    info(format!("unet dtype: {}, device: {}", torch_dtype(weight_kind), device_name(device)));
-    info(format!("text_encoder [0] dtype: {}, device: {}", torch_dtype(weight_kind), device_name(device)));
+    info(format!(
+        "unet dtype: {}, device: {}",
+        torch_dtype(weight_kind),
+        device_name(device)
+    ));
+    info(format!(
+        "text_encoder [0] dtype: {}, device: {}",
+        torch_dtype(weight_kind),
+        device_name(device)
+    ));
 
     let mut tb = match a.logging_dir.as_deref() {
-        Some(dir) if a.log_with.as_deref().is_none_or(|w| w == "tensorboard" || w == "all") => {
-            let d = run_log_dir(dir, a.log_prefix.as_deref(), &local_timestamp(), a.log_tracker_name.as_deref());
+        Some(dir)
+            if a.log_with
+                .as_deref()
+                .is_none_or(|w| w == "tensorboard" || w == "all") =>
+        {
+            let d = run_log_dir(
+                dir,
+                a.log_prefix.as_deref(),
+                &local_timestamp(),
+                a.log_tracker_name.as_deref(),
+            );
             Some(EventWriter::create(&d)?)
         }
         _ => None,
@@ -586,7 +729,9 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
         for e in 0..start.epoch_to_start {
             loader.plan_epoch(&group, e + 1, &mut ThrowawaySeeds)?;
         }
-        loader.main_rng().setstate(&st.python_random.0, st.python_random.1)?;
+        loader
+            .main_rng()
+            .setstate(&st.python_random.0, st.python_random.1)?;
     }
     let group_names: Vec<String> = network
         .param_groups(te_lr, a.unet_lr, a.learning_rate)
@@ -620,15 +765,26 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
                 Some(l) => l.to_device(device),
                 None => {
                     let _g = tch::no_grad_guard();
-                    let images = batch.images.as_ref().context("batch without images or latents")?;
+                    let images = batch
+                        .images
+                        .as_ref()
+                        .context("batch without images or latents")?;
                     let l = vae.encode_sample(&images.to_device(device).to_kind(vae_kind));
                     l.nan_to_num(0.0, None::<f64>, None::<f64>)
                 }
             };
             let latents = (latents * VAE_SCALE_FACTOR).detach();
-            let ids = batch.input_ids.as_ref().context("batch without token ids")?.to_device(device);
+            let ids = batch
+                .input_ids
+                .as_ref()
+                .context("batch without token ids")?
+                .to_device(device);
 
-            let tape = if a.gradient_checkpointing { Some(Tape::new()) } else { None };
+            let tape = if a.gradient_checkpointing {
+                Some(Tape::new())
+            } else {
+                None
+            };
             let loss = tch::autocast(autocast, || -> Result<Tensor> {
                 let ctx = if train_te {
                     encode_tokens_with_tape(&text_encoder, &ids, clip_skip, tape.as_ref())
@@ -636,19 +792,49 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
                     let _g = tch::no_grad_guard();
                     encode_tokens_with_tape(&text_encoder, &ids, clip_skip, None)
                 };
-                let ctx = if a.full_fp16 || a.full_bf16 { ctx.to_kind(weight_kind) } else { ctx };
+                let ctx = if a.full_fp16 || a.full_bf16 {
+                    ctx.to_kind(weight_kind)
+                } else {
+                    ctx
+                };
                 let mut py = || it.main_rng().random();
-                let sl = step_loss(&loss_cfg, &noise_sched, &latents, &batch.loss_weights, &mut py, &mut |noisy, t| {
-                    let noisy = if train_unet { noisy.detach().set_requires_grad(true) } else { noisy.shallow_clone() };
-                    Ok(unet.forward_with_tape(&noisy, t, &ctx, tape.as_ref()))
-                })?;
+                let sl = step_loss(
+                    &loss_cfg,
+                    &noise_sched,
+                    &latents,
+                    &batch.loss_weights,
+                    &mut py,
+                    &mut |noisy, t| {
+                        let noisy = if train_unet {
+                            noisy.detach().set_requires_grad(true)
+                        } else {
+                            noisy.shallow_clone()
+                        };
+                        Ok(unet.forward_with_tape(&noisy, t, &ctx, tape.as_ref()))
+                    },
+                )?;
                 Ok(sl.loss)
             })?;
             let loss_value = loss.double_value(&[]);
             if !loss_value.is_finite() && !scaler.enabled {
                 drop(it);
-                let dir = saver.out_dir.join(format!("{}-nan-state", a.output_name.as_deref().unwrap_or("last")));
-                save_state(&dir, &TrainState { net: &network, opt: opt.as_ref(), scaler: &scaler, sched_steps: lr_sched.steps, epoch, global_step, py_rng: loader.main_rng(), cuda })?;
+                let dir = saver.out_dir.join(format!(
+                    "{}-nan-state",
+                    a.output_name.as_deref().unwrap_or("last")
+                ));
+                save_state(
+                    &dir,
+                    &TrainState {
+                        net: &network,
+                        opt: opt.as_ref(),
+                        scaler: &scaler,
+                        sched_steps: lr_sched.steps,
+                        epoch,
+                        global_step,
+                        py_rng: loader.main_rng(),
+                        cuda,
+                    },
+                )?;
                 bail!(
                     "loss is {loss_value} at step {global_step}: training diverged (try a lower --learning_rate or --mixed_precision=bf16); the state before this step was saved to {}",
                     dir.display()
@@ -661,9 +847,17 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
             }
             drop(tape);
             step_in_epoch += 1;
-            let sync = step_in_epoch % ga as usize == 0 || step_in_epoch == batches as usize;
+            let sync =
+                step_in_epoch.is_multiple_of(ga as usize) || step_in_epoch == batches as usize;
             if sync {
-                finish_optimizer_step(opt.as_mut(), &mut scaler, &mut lr_sched, &all_params, max_grad_norm, 1)?;
+                finish_optimizer_step(
+                    opt.as_mut(),
+                    &mut scaler,
+                    &mut lr_sched,
+                    &all_params,
+                    max_grad_norm,
+                    1,
+                )?;
                 if let Some(m) = a.scale_weight_norms {
                     network.apply_max_norm_regularization(m);
                 }
@@ -678,7 +872,19 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
                 }
                 if let Some(dir) = &actions.save_state {
                     let py = it.main_rng().clone();
-                    save_state(&saver.out_dir.join(dir), &TrainState { net: &network, opt: opt.as_ref(), scaler: &scaler, sched_steps: lr_sched.steps, epoch, global_step, py_rng: &py, cuda })?;
+                    save_state(
+                        &saver.out_dir.join(dir),
+                        &TrainState {
+                            net: &network,
+                            opt: opt.as_ref(),
+                            scaler: &scaler,
+                            sched_steps: lr_sched.steps,
+                            epoch,
+                            global_step,
+                            py_rng: &py,
+                            cuda,
+                        },
+                    )?;
                     if let Some(r) = &actions.remove_state {
                         saver.remove(r);
                     }
@@ -688,9 +894,17 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
             let avr = recorder.moving_average();
             bar.set_avr_loss(avr);
             if let Some(w) = tb.as_mut() {
-                let mut logs = vec![("loss/current".to_string(), loss_value), ("loss/average".to_string(), avr)];
+                let mut logs = vec![
+                    ("loss/current".to_string(), loss_value),
+                    ("loss/average".to_string(), avr),
+                ];
                 for (g, lr) in lr_sched.lrs().iter().enumerate() {
-                    logs.push((tags.get(g).cloned().unwrap_or_else(|| format!("lr/group{g}")), *lr));
+                    logs.push((
+                        tags.get(g)
+                            .cloned()
+                            .unwrap_or_else(|| format!("lr/group{g}")),
+                        *lr,
+                    ));
                 }
                 w.log(&logs, global_step)?;
             }
@@ -704,7 +918,10 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
         }
         drop(it);
         if let Some(w) = tb.as_mut() {
-            w.log(&[("loss/epoch_average".to_string(), recorder.moving_average())], epoch + 1)?;
+            w.log(
+                &[("loss/epoch_average".to_string(), recorder.moving_average())],
+                epoch + 1,
+            )?;
         }
         let actions = saver.plan.on_epoch_end(epoch + 1, num_epochs);
         if let Some(name) = &actions.save {
@@ -714,7 +931,19 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
             }
         }
         if let Some(dir) = &actions.save_state {
-            save_state(&saver.out_dir.join(dir), &TrainState { net: &network, opt: opt.as_ref(), scaler: &scaler, sched_steps: lr_sched.steps, epoch: epoch + 1, global_step, py_rng: loader.main_rng(), cuda })?;
+            save_state(
+                &saver.out_dir.join(dir),
+                &TrainState {
+                    net: &network,
+                    opt: opt.as_ref(),
+                    scaler: &scaler,
+                    sched_steps: lr_sched.steps,
+                    epoch: epoch + 1,
+                    global_step,
+                    py_rng: loader.main_rng(),
+                    cuda,
+                },
+            )?;
             if let Some(r) = &actions.remove_state {
                 saver.remove(r);
             }
@@ -725,9 +954,24 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     }
     bar.finish();
     if interrupted {
-        let name = format!("{}-interrupted-state", a.output_name.as_deref().unwrap_or("last"));
+        let name = format!(
+            "{}-interrupted-state",
+            a.output_name.as_deref().unwrap_or("last")
+        );
         let dir = saver.out_dir.join(&name);
-        save_state(&dir, &TrainState { net: &network, opt: opt.as_ref(), scaler: &scaler, sched_steps: lr_sched.steps, epoch: last_epoch, global_step, py_rng: loader.main_rng(), cuda })?;
+        save_state(
+            &dir,
+            &TrainState {
+                net: &network,
+                opt: opt.as_ref(),
+                scaler: &scaler,
+                sched_steps: lr_sched.steps,
+                epoch: last_epoch,
+                global_step,
+                py_rng: loader.main_rng(),
+                cuda,
+            },
+        )?;
         eprintln!(
             "interrupted at step {global_step}: the training state was saved to {}; continue with the same command plus --resume={}",
             dir.display(),
@@ -739,7 +983,19 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     saver.save_lora(&network, &final_name, global_step, num_epochs)?;
     let end = saver.plan.on_train_end();
     if let Some(dir) = &end.save_state {
-        save_state(&saver.out_dir.join(dir), &TrainState { net: &network, opt: opt.as_ref(), scaler: &scaler, sched_steps: lr_sched.steps, epoch: num_epochs, global_step, py_rng: loader.main_rng(), cuda })?;
+        save_state(
+            &saver.out_dir.join(dir),
+            &TrainState {
+                net: &network,
+                opt: opt.as_ref(),
+                scaler: &scaler,
+                sched_steps: lr_sched.steps,
+                epoch: num_epochs,
+                global_step,
+                py_rng: loader.main_rng(),
+                cuda,
+            },
+        )?;
     }
     info("model saved.");
     Ok(0)
@@ -768,7 +1024,8 @@ fn training_facts(
         super::args::IntOrFloat::Int(i) => MetaValue::Int(*i),
         super::args::IntOrFloat::Float(f) => MetaValue::Float(*f),
     };
-    let lora_args = crate::lora::network::parse_network_args(a.network_args.as_deref().unwrap_or(&[]))?;
+    let lora_args =
+        crate::lora::network::parse_network_args(a.network_args.as_deref().unwrap_or(&[]))?;
     let network_args_json = if a.network_args.is_some() {
         crate::lora::metadata::network_args_json(&lora_args, a.network_dropout, a.dim_from_weights)
     } else {
@@ -804,7 +1061,11 @@ fn training_facts(
         lr_scheduler: lr_scheduler.to_string(),
         network_module: a.network_module.clone().unwrap_or_default(),
         network_dim: a.network_dim,
-        network_alpha: if a.is_set("network_alpha") { Some(a.network_alpha) } else { None },
+        network_alpha: if a.is_set("network_alpha") {
+            Some(a.network_alpha)
+        } else {
+            None
+        },
         network_dropout: a.network_dropout,
         mixed_precision: a.mixed_precision.clone(),
         full_fp16: a.full_fp16,
@@ -826,7 +1087,11 @@ fn training_facts(
         caption_dropout_rate: a.caption_dropout_rate,
         caption_dropout_every_n_epochs: a.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate: a.caption_tag_dropout_rate,
-        face_crop_aug_range: a.face_crop_aug_range.clone().map(MetaValue::Str).unwrap_or(MetaValue::None),
+        face_crop_aug_range: a
+            .face_crop_aug_range
+            .clone()
+            .map(MetaValue::Str)
+            .unwrap_or(MetaValue::None),
         prior_loss_weight: a.prior_loss_weight,
         min_snr_gamma: a.min_snr_gamma,
         scale_weight_norms: a.scale_weight_norms,
