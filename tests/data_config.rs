@@ -60,7 +60,8 @@ fn build_err(name: &str, text: &str, args: DataArgs) -> String {
 #[test]
 fn malformed_configs_each_get_a_clear_message() {
     let img = tmp().join("imgs").display().to_string();
-    let sub = format!("[[datasets.subsets]]\nimage_dir = \"{img}\"\n");
+    // class_tokens: the images have no caption files, which is itself an error checked elsewhere
+    let sub = format!("[[datasets.subsets]]\nimage_dir = \"{img}\"\nclass_tokens = \"sks\"\n");
     let ds = format!("[[datasets]]\nresolution = 64\n{sub}");
     let res = DataArgs {
         resolution: Some((64, 64)),
