@@ -206,8 +206,14 @@ impl StepsBar {
     }
 
     /// Prints a line above the bar (sd-scripts' prints interleave with tqdm the same way).
+    /// Prints a line above the bar (stdout, as sd-scripts' `accelerator.print`). indicatif drops
+    /// `println` when the bar is hidden (output not a terminal), so print directly then.
     pub fn println(&self, line: &str) {
-        self.bar.println(line);
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
     }
 
     pub fn finish(&self) {
