@@ -4,7 +4,6 @@ pub mod amp;
 pub mod args;
 pub mod console;
 pub mod counting;
-pub mod dataset_meta;
 pub mod lr;
 pub mod noise;
 pub mod optim;

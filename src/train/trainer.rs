@@ -1015,11 +1015,10 @@ fn training_facts(
     optimizer: &str,
     lr_scheduler: &str,
 ) -> Result<TrainingFacts> {
-    let dataset = if a.dataset_config.is_some() {
-        super::dataset_meta::toml_facts(group)
-    } else {
-        super::dataset_meta::dirs_facts(group, a)?
-    };
+    let dataset = crate::data::metadata::dataset_facts(
+        group,
+        a.train_batch_size * a.gradient_accumulation_steps,
+    );
     let warmup = match &a.lr_warmup_steps {
         super::args::IntOrFloat::Int(i) => MetaValue::Int(*i),
         super::args::IntOrFloat::Float(f) => MetaValue::Float(*f),
