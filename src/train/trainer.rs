@@ -12,13 +12,13 @@ use super::args::TrainArgs;
 use super::console::{epoch_line, running_training_lines, LossRecorder, RunSummary, StepsBar};
 use super::counting;
 use super::lr::{LrScheduler, Schedule};
-use super::noise::{step_loss, DdpmConfig, LossConfig, NoiseScheduler};
+use super::noise::{DdpmConfig, LossConfig, NoiseScheduler};
 use super::optim::build::{build_optimizer, resolve_kind, OptimizerKind};
 use super::optim::common::{Optimizer, ParamGroup as OptGroup};
 use super::optim::optimizer_args::parse_kwargs;
 use super::rng_replay::{self, BaseModels, InitPlan};
 use super::save::{output_path, removing_line, saving_line, train_state_json, SavePlan};
-use super::step::finish_optimizer_step;
+use super::step::{finish_optimizer_step, forward_loss, StepModels};
 use super::tensorboard::{local_timestamp, run_log_dir, EventWriter};
 use crate::data::args::DataArgs;
 use crate::data::cache::{cache_latents, LatentEncoder};
@@ -31,8 +31,6 @@ use crate::models::attention::AttentionBackend;
 use crate::models::clip::ClipTextModel;
 use crate::models::layers::VisitLayers;
 use crate::models::loading::{checkpoint_format, load_checkpoint, load_vae, LoadOptions};
-use crate::models::recompute::Tape;
-use crate::models::text::encode_tokens_with_tape;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -746,7 +744,16 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     network.set_training(true);
     let max_grad_norm = a.max_grad_norm;
     let mut interrupted = false;
-    let clip_skip = a.clip_skip;
+    let step_models = StepModels {
+        text_encoder: &text_encoder,
+        unet: &unet,
+        train_text_encoder: train_te,
+        train_unet,
+        clip_skip: a.clip_skip,
+        context_kind: (a.full_fp16 || a.full_bf16).then_some(weight_kind),
+        gradient_checkpointing: a.gradient_checkpointing,
+        autocast,
+    };
     let mut last_epoch = start.epoch_to_start;
     'epochs: for epoch in start.epoch_to_start..num_epochs {
         last_epoch = epoch;
@@ -780,41 +787,17 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
                 .context("batch without token ids")?
                 .to_device(device);
 
-            let tape = if a.gradient_checkpointing {
-                Some(Tape::new())
-            } else {
-                None
-            };
-            let loss = tch::autocast(autocast, || -> Result<Tensor> {
-                let ctx = if train_te {
-                    encode_tokens_with_tape(&text_encoder, &ids, clip_skip, tape.as_ref())
-                } else {
-                    let _g = tch::no_grad_guard();
-                    encode_tokens_with_tape(&text_encoder, &ids, clip_skip, None)
-                };
-                let ctx = if a.full_fp16 || a.full_bf16 {
-                    ctx.to_kind(weight_kind)
-                } else {
-                    ctx
-                };
-                let mut py = || it.main_rng().random();
-                let sl = step_loss(
-                    &loss_cfg,
-                    &noise_sched,
-                    &latents,
-                    &batch.loss_weights,
-                    &mut py,
-                    &mut |noisy, t| {
-                        let noisy = if train_unet {
-                            noisy.detach().set_requires_grad(true)
-                        } else {
-                            noisy.shallow_clone()
-                        };
-                        Ok(unet.forward_with_tape(&noisy, t, &ctx, tape.as_ref()))
-                    },
-                )?;
-                Ok(sl.loss)
-            })?;
+            let mut py = || it.main_rng().random();
+            let fwd = forward_loss(
+                &step_models,
+                &loss_cfg,
+                &noise_sched,
+                &latents,
+                &ids,
+                &batch.loss_weights,
+                &mut py,
+            )?;
+            let loss = fwd.loss.shallow_clone();
             let loss_value = loss.double_value(&[]);
             if !loss_value.is_finite() && !scaler.enabled {
                 drop(it);
@@ -841,11 +824,7 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
                 );
             }
             let scaled = scaler.scale_loss(&(loss / ga as f64));
-            match &tape {
-                Some(t) => t.backward(&scaled)?,
-                None => scaled.backward(),
-            }
-            drop(tape);
+            fwd.backward(&scaled)?;
             step_in_epoch += 1;
             let sync =
                 step_in_epoch.is_multiple_of(ga as usize) || step_in_epoch == batches as usize;
