@@ -5,6 +5,7 @@ use super::bucket::get_crop_ltrb;
 use super::dataset::{progress_bar, DatasetGroup};
 use super::image::{load_image_rgb, splitext_stem, trim_and_resize, trim_offsets};
 use super::loader::CachedLatents;
+use super::log::train_util;
 use super::npz::{npz_keys, read_npz, write_npz, NpyArray, NpyData};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -135,12 +136,12 @@ pub fn cache_latents(
         .map(|d| (0..d.images.len()).map(|_| None).collect())
         .collect();
     for di in 0..group.datasets.len() {
-        log.info(format!("[Dataset {di}]"));
-        log.info("caching latents with caching strategy.");
+        log.info(train_util(2627), format!("[Dataset {di}]"));
+        log.info(train_util(1120), "caching latents with caching strategy.");
         let ds = &mut group.datasets[di];
         let mut order: Vec<usize> = (0..ds.images.len()).collect();
         order.sort_by_key(|&i| ds.images[i].bucket_reso.0 * ds.images[i].bucket_reso.1);
-        log.info("caching latents...");
+        log.info(train_util(1170), "caching latents...");
         let pb = progress_bar(progress, order.len() as u64, "caching latents");
         let mut batch: Vec<usize> = vec![];
         let mut cond: Option<((i64, i64), bool)> = None;

@@ -7,7 +7,7 @@ use super::config::{
     self, py_float_repr, DatasetBlueprint, DatasetKind, DatasetParams, SubsetParams, UserConfig,
 };
 use super::image::{glob_images, image_size, join_py, read_caption, splitext_stem};
-use super::log::DataLog;
+use super::log::{config_util, train_network, train_util, DataLog};
 use super::pyrandom::PyRandom;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -69,22 +69,31 @@ impl OrderState {
     }
 
     /// `set_current_epoch(epoch)`.
+    /// `log`: where the lines go; `main_process`: this copy lives in sd-scripts' main process,
+    /// whose global RNG the log's rich draws use (a DataLoader worker has its own).
     pub fn set_current_epoch(
         &mut self,
         epoch: i64,
         seed: i128,
         rng: &mut PyRandom,
         log: Option<&DataLog>,
+        main_process: bool,
     ) {
         if self.current_epoch == epoch {
             return;
         }
         if epoch > self.current_epoch {
             if let Some(l) = log {
-                l.info(format!(
-                    "epoch is incremented. current_epoch: {}, epoch: {}",
-                    self.current_epoch, epoch
-                ));
+                l.info(
+                    train_util(784),
+                    format!(
+                        "epoch is incremented. current_epoch: {}, epoch: {}",
+                        self.current_epoch, epoch
+                    ),
+                );
+            }
+            if let (Some(l), true) = (log, main_process) {
+                l.discard_owed(); // shuffle_buckets reseeds right after the line
             }
             for _ in 0..(epoch - self.current_epoch) {
                 self.current_epoch += 1;
@@ -92,10 +101,13 @@ impl OrderState {
             }
         } else {
             if let Some(l) = log {
-                l.warn(format!(
-                    "epoch is not incremented. current_epoch: {}, epoch: {}",
-                    self.current_epoch, epoch
-                ));
+                l.warn(
+                    train_util(791),
+                    format!(
+                        "epoch is not incremented. current_epoch: {}, epoch: {}",
+                        self.current_epoch, epoch
+                    ),
+                );
             }
             self.current_epoch = epoch;
         }
@@ -376,12 +388,12 @@ impl Builder<'_> {
         let mut max_r = p.max_bucket_reso;
         if min_r % steps != 0 {
             let adj = min_r - min_r % steps;
-            self.log.warn(format!("min_bucket_reso is adjusted to be multiple of bucket_reso_steps / min_bucket_resoがbucket_reso_stepsの倍数になるように調整されました: {min_r} -> {adj}"));
+            self.log.warn(train_util(754), format!("min_bucket_reso is adjusted to be multiple of bucket_reso_steps / min_bucket_resoがbucket_reso_stepsの倍数になるように調整されました: {min_r} -> {adj}"));
             min_r = adj;
         }
         if max_r % steps != 0 {
             let adj = max_r + steps - max_r % steps;
-            self.log.warn(format!("max_bucket_reso is adjusted to be multiple of bucket_reso_steps / max_bucket_resoがbucket_reso_stepsの倍数になるように調整されました: {max_r} -> {adj}"));
+            self.log.warn(train_util(761), format!("max_bucket_reso is adjusted to be multiple of bucket_reso_steps / max_bucket_resoがbucket_reso_stepsの倍数になるように調整されました: {max_r} -> {adj}"));
             max_r = adj;
         }
         if reso.0.min(reso.1) < min_r {
@@ -397,7 +409,7 @@ impl Builder<'_> {
         let reso = self.resolution(bp, idx, source)?;
         let (min_r, max_r, steps, no_up) = self.bucket_settings(&bp.params, reso, idx, source)?;
         let log = self.log;
-        log.info("prepare images.");
+        log.info(train_util(2112), "prepare images.");
         let mut ds = empty_dataset(bp, reso, (min_r, max_r, steps, no_up));
         let mut key_index: HashMap<String, usize> = HashMap::new();
         let mut reg_infos: Vec<ImageInfo> = Vec::new();
@@ -406,7 +418,7 @@ impl Builder<'_> {
         for sp in &bp.subsets {
             let dir_s = sp.image_dir.clone().unwrap_or_default();
             if sp.num_repeats < 1 {
-                log.warn(format!("ignore subset with image_dir='{dir_s}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
+                log.warn(train_util(2120), format!("ignore subset with image_dir='{dir_s}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
                 continue;
             }
             if ds
@@ -414,7 +426,7 @@ impl Builder<'_> {
                 .iter()
                 .any(|s| s.params.image_dir == sp.image_dir)
             {
-                log.warn(format!("ignore duplicated subset with image_dir='{dir_s}': use the first one / 既にサブセットが登録されているため、重複した後発のサブセットを無視します"));
+                log.warn(train_util(2126), format!("ignore duplicated subset with image_dir='{dir_s}': use the first one / 既にサブセットが登録されているため、重複した後発のサブセットを無視します"));
                 continue;
             }
             let dir = Path::new(&dir_s);
@@ -423,7 +435,7 @@ impl Builder<'_> {
                 set_tag_frequency(&mut ds.tag_frequency, py_basename(&dir_s), &captions);
             }
             if img_paths.is_empty() {
-                log.warn(format!("ignore subset with image_dir='{dir_s}': no images found / 画像が見つからないためサブセットを無視します"));
+                log.warn(train_util(2133), format!("ignore subset with image_dir='{dir_s}': no images found / 画像が見つからないためサブセットを無視します"));
                 continue;
             }
             let n = img_paths.len();
@@ -462,14 +474,23 @@ impl Builder<'_> {
                 img_count: n,
             });
         }
-        log.info(format!("{num_train} train images with repeats."));
+        log.info(
+            train_util(2158),
+            format!("{num_train} train images with repeats."),
+        );
         ds.num_train_images = num_train;
-        log.info(format!("{num_reg} reg images with repeats."));
+        log.info(
+            train_util(2162),
+            format!("{num_reg} reg images with repeats."),
+        );
         if num_train < num_reg {
-            log.warn("some of reg images are not used / 正則化画像の数が多いので、一部使用されない正則化画像があります");
+            log.warn(train_util(2164), "some of reg images are not used / 正則化画像の数が多いので、一部使用されない正則化画像があります");
         }
         if num_reg == 0 {
-            log.warn("no regularization images / 正則化画像が見つかりませんでした");
+            log.warn(
+                train_util(2167),
+                "no regularization images / 正則化画像が見つかりませんでした",
+            );
         } else {
             // first pass registers with each image's own repeats; later passes add one repeat
             // per image until the reg side reaches the train count
@@ -505,15 +526,18 @@ impl Builder<'_> {
     ) -> Result<(Vec<String>, Vec<String>, Vec<Option<Reso>>)> {
         let log = self.log;
         if !dir.is_dir() {
-            log.warn(format!("not directory: {}", dir.display()));
+            log.warn(
+                train_util(1974),
+                format!("not directory: {}", dir.display()),
+            );
             return Ok((vec![], vec![], vec![]));
         }
         let info_cache_file = dir.join("metadata_cache.json");
         let mut use_cached = sp.cache_info;
         if use_cached {
-            log.info(format!("using cached image info for this subset / このサブセットで、キャッシュされた画像情報を使います: {}", info_cache_file.display()));
+            log.info(train_util(1981), format!("using cached image info for this subset / このサブセットで、キャッシュされた画像情報を使います: {}", info_cache_file.display()));
             if !info_cache_file.is_file() {
-                log.warn("image info file not found. You can ignore this warning if this is the first time to use this subset / キャッシュファイルが見つかりませんでした。初回実行時はこの警告を無視してください: {metadata_file}");
+                log.warn(train_util(1985), "image info file not found. You can ignore this warning if this is the first time to use this subset / キャッシュファイルが見つかりませんでした。初回実行時はこの警告を無視してください: {metadata_file}");
                 use_cached = false;
             }
         }
@@ -553,26 +577,32 @@ impl Builder<'_> {
                 c.push(cap);
                 s.push(res);
             }
-            log.info(format!(
-                "found directory {} contains {} image files",
-                dir.display(),
-                p.len()
-            ));
+            log.info(
+                train_util(2059),
+                format!(
+                    "found directory {} contains {} image files",
+                    dir.display(),
+                    p.len()
+                ),
+            );
             (img_paths, captions, sizes, missing) = (p, c, s, m);
         } else {
             let p = glob_images(dir)?;
-            log.info("get image size from name of cache files");
+            log.info(train_util(2005), "get image size from name of cache files");
             let s = sizes_from_cache_names(dir, &p);
             let set = s.iter().filter(|x| x.is_some()).count();
-            log.info(format!(
-                "set image size from cache files: {set}/{}",
-                p.len()
-            ));
-            log.info(format!(
-                "found directory {} contains {} image files",
-                dir.display(),
-                p.len()
-            ));
+            log.info(
+                train_util(2035),
+                format!("set image size from cache files: {set}/{}", p.len()),
+            );
+            log.info(
+                train_util(2059),
+                format!(
+                    "found directory {} contains {} image files",
+                    dir.display(),
+                    p.len()
+                ),
+            );
             let mut c = vec![];
             let mut m = vec![];
             for img in &p {
@@ -602,20 +632,23 @@ impl Builder<'_> {
         }
         if !missing.is_empty() {
             let n = missing.len();
-            log.warn(format!("No caption file found for {n} images. Training will continue without captions for these images. If class token exists, it will be used. / {n}枚の画像にキャプションファイルが見つかりませんでした。これらの画像についてはキャプションなしで学習を続行します。class tokenが存在する場合はそれを使います。"));
+            log.warn(train_util(2091), format!("No caption file found for {n} images. Training will continue without captions for these images. If class token exists, it will be used. / {n}枚の画像にキャプションファイルが見つかりませんでした。これらの画像についてはキャプションなしで学習を続行します。class tokenが存在する場合はそれを使います。"));
             for (i, m) in missing.iter().enumerate() {
                 if i >= 5 {
-                    log.warn(format!("{m}... and {} more", n - 5));
+                    log.warn(train_util(2095), format!("{m}... and {} more", n - 5));
                     break;
                 }
-                log.warn(m.clone());
+                log.warn(train_util(2097), m.clone());
             }
         }
         if !use_cached && sp.cache_info {
-            log.info(format!(
-                "cache image info for / 画像情報をキャッシュします : {}",
-                info_cache_file.display()
-            ));
+            log.info(
+                train_util(2099),
+                format!(
+                    "cache image info for / 画像情報をキャッシュします : {}",
+                    info_cache_file.display()
+                ),
+            );
             let mut obj = serde_json::Map::new();
             let mut real_sizes = Vec::new();
             for p in &img_paths {
@@ -630,10 +663,13 @@ impl Builder<'_> {
             }
             let text = serde_json::to_string_pretty(&serde_json::Value::Object(obj))?;
             crate::io::write_bytes_atomic(&info_cache_file, text.as_bytes())?;
-            log.info(format!(
-                "cache image info done for / 画像情報を出力しました : {}",
-                info_cache_file.display()
-            ));
+            log.info(
+                train_util(2107),
+                format!(
+                    "cache image info done for / 画像情報を出力しました : {}",
+                    info_cache_file.display()
+                ),
+            );
             let sizes = real_sizes.into_iter().map(Some).collect();
             return Ok((img_paths, captions, sizes));
         }
@@ -649,7 +685,7 @@ impl Builder<'_> {
         for sp in &bp.subsets {
             let mf = sp.metadata_file.clone().unwrap_or_default();
             if sp.num_repeats < 1 {
-                log.warn(format!("ignore subset with metadata_file='{mf}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
+                log.warn(train_util(2231), format!("ignore subset with metadata_file='{mf}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
                 continue;
             }
             if ds
@@ -657,7 +693,7 @@ impl Builder<'_> {
                 .iter()
                 .any(|s| s.params.metadata_file == sp.metadata_file)
             {
-                log.warn(format!("ignore duplicated subset with metadata_file='{mf}': use the first one / 既にサブセットが登録されているため、重複した後発のサブセットを無視します"));
+                log.warn(train_util(2237), format!("ignore duplicated subset with metadata_file='{mf}': use the first one / 既にサブセットが登録されているため、重複した後発のサブセットを無視します"));
                 continue;
             }
             if !Path::new(&mf).exists() {
@@ -666,7 +702,10 @@ impl Builder<'_> {
             let text =
                 std::fs::read_to_string(&mf).with_context(|| format!("reading metadata {mf}"))?;
             let entries: Vec<(String, serde_json::Value)> = if mf.ends_with(".jsonl") {
-                log.info(format!("loading existing JSOL metadata: {mf}"));
+                log.info(
+                    train_util(2244),
+                    format!("loading existing JSOL metadata: {mf}"),
+                );
                 let mut v = vec![];
                 for (ln, line) in text.lines().enumerate() {
                     if line.trim().is_empty() {
@@ -681,13 +720,13 @@ impl Builder<'_> {
                 }
                 v
             } else {
-                log.info(format!("loading existing metadata: {mf}"));
+                log.info(train_util(2259), format!("loading existing metadata: {mf}"));
                 ordered_json_object(&text).with_context(|| {
                     format!("{mf}: not a JSON object {{image_key: {{caption, tags}}}}")
                 })?
             };
             if entries.is_empty() {
-                log.warn(format!("ignore subset with '{mf}': no image entries found / 画像に関するデータが見つからないためサブセットを無視します"));
+                log.warn(train_util(2267), format!("ignore subset with '{mf}': no image entries found / 画像に関するデータが見つからないためサブセットを無視します"));
                 continue;
             }
             let subset_idx = ds.subsets.len();
@@ -756,10 +795,10 @@ impl Builder<'_> {
                 register(&mut ds.images, &mut key_index, info);
             }
             if from_md > 0 {
-                log.info(format!(
-                    "set image size from metadata: {from_md}/{}",
-                    entries.len()
-                ));
+                log.info(
+                    train_util(2365),
+                    format!("set image size from metadata: {from_md}/{}", entries.len()),
+                );
             }
             ds.num_train_images += entries.len() * sp.num_repeats as usize;
             set_tag_frequency(&mut ds.tag_frequency, py_basename(&mf), &tags_list);
@@ -848,7 +887,7 @@ pub fn make_buckets(
     log: &DataLog,
     progress: bool,
 ) -> Result<()> {
-    log.info("loading image sizes.");
+    log.info(train_util(992), "loading image sizes.");
     let pb = progress_bar(progress, ds.images.len() as u64, "loading image sizes");
     for info in ds.images.iter_mut() {
         if info.image_size.is_none() {
@@ -858,9 +897,9 @@ pub fn make_buckets(
     }
     pb.finish_and_clear();
     if ds.params.enable_bucket {
-        log.info("make buckets");
+        log.info(train_util(1015), "make buckets");
     } else {
-        log.info("prepare dataset");
+        log.info(train_util(1017), "prepare dataset");
     }
     let mut bm;
     let mut ar_errors = Vec::new();
@@ -876,7 +915,7 @@ pub fn make_buckets(
             );
             bm.set_predefined_resos(resos);
         } else {
-            log.warn("min_bucket_reso and max_bucket_reso are ignored if bucket_no_upscale is set, because bucket reso is defined by image size automatically / bucket_no_upscaleが指定された場合は、bucketの解像度は画像サイズから自動計算されるため、min_bucket_resoとmax_bucket_resoは無視されます");
+            log.warn(train_util(1033), "min_bucket_reso and max_bucket_reso are ignored if bucket_no_upscale is set, because bucket reso is defined by image size automatically / bucket_no_upscaleが指定された場合は、bucketの解像度は画像サイズから自動計算されるため、min_bucket_resoとmax_bucket_resoは無視されます");
         }
         for info in ds.images.iter_mut() {
             let (w, h) = info.image_size.unwrap();
@@ -902,17 +941,23 @@ pub fn make_buckets(
         }
     }
     if ds.params.enable_bucket {
-        log.info("number of images (including repeats) / 各bucketの画像枚数（繰り返し回数を含む）");
+        log.info(
+            train_util(1061),
+            "number of images (including repeats) / 各bucketの画像枚数（繰り返し回数を含む）",
+        );
         let mut buckets = vec![];
         for (i, (reso, b)) in bm.resos.iter().zip(&bm.buckets).enumerate() {
             if !b.is_empty() {
                 buckets.push((i, *reso, b.len()));
-                log.info(format!(
-                    "bucket {i}: resolution ({}, {}), count: {}",
-                    reso.0,
-                    reso.1,
-                    b.len()
-                ));
+                log.info(
+                    train_util(1066),
+                    format!(
+                        "bucket {i}: resolution ({}, {}), count: {}",
+                        reso.0,
+                        reso.1,
+                        b.len()
+                    ),
+                );
             }
         }
         let mean = if ar_errors.is_empty() {
@@ -926,7 +971,10 @@ pub fn make_buckets(
         } else {
             py_float_repr(mean)
         };
-        log.info(format!("mean ar error (without repeats): {mean_s}"));
+        log.info(
+            train_util(1074),
+            format!("mean ar error (without repeats): {mean_s}"),
+        );
         ds.bucket_info = Some(BucketInfo {
             buckets,
             mean_img_ar_error: mean,
@@ -951,6 +999,7 @@ pub fn make_buckets(
         current_epoch: 0,
     };
     // self.seed is still 0 here: the first order never depends on --seed (spec §6.2)
+    log.discard_owed(); // the draws of the lines so far are erased by the reseed
     order.shuffle(0, rng);
     ds.initial_order = order;
     Ok(())
@@ -1059,14 +1108,17 @@ pub fn build_dataset_group_with_log(
     };
     validate_args(args)?;
     let cfg: UserConfig = if let Some(path) = &args.dataset_config {
-        log.info(format!("Loading dataset config from {}", path.display()));
+        log.info(
+            train_network(519),
+            format!("Loading dataset config from {}", path.display()),
+        );
         let cfg = config::load_user_config(path, args.masked_loss)?;
         if args.train_data_dir.is_some() || args.reg_data_dir.is_some() || args.in_json.is_some() {
-            log.warn("ignoring the following options because config file is found: train_data_dir, reg_data_dir, in_json / 設定ファイルが利用されるため以下のオプションは無視されます: train_data_dir, reg_data_dir, in_json");
+            log.warn(train_network(524), "ignoring the following options because config file is found: train_data_dir, reg_data_dir, in_json / 設定ファイルが利用されるため以下のオプションは無視されます: train_data_dir, reg_data_dir, in_json");
         }
         cfg
     } else if let Some(in_json) = &args.in_json {
-        log.info("Training with captions.");
+        log.info(train_network(541), "Training with captions.");
         let mut s = toml::Table::new();
         if let Some(d) = &args.train_data_dir {
             s.insert(
@@ -1089,7 +1141,7 @@ pub fn build_dataset_group_with_log(
             datasets: vec![(d, vec![s])],
         }
     } else {
-        log.info("Using DreamBooth method.");
+        log.info(train_network(530), "Using DreamBooth method.");
         if args.train_data_dir.is_none() {
             bail!("no training data: pass --dataset_config=config.toml, or --train_data_dir with folders named like 10_name (and --reg_data_dir for regularisation images)");
         }
@@ -1097,7 +1149,7 @@ pub fn build_dataset_group_with_log(
         let subsets = config::dreambooth_subsets_by_subdirs(
             args.train_data_dir.as_deref(),
             args.reg_data_dir.as_deref(),
-            &mut |m| l2.warn(m),
+            &mut |m| l2.warn(config_util(613), m),
         )?;
         let mut d = toml::Table::new();
         d.insert(
@@ -1121,12 +1173,13 @@ pub fn build_dataset_group_with_log(
         };
         datasets.push(ds);
     }
-    log.info(summary_text(&datasets, "Dataset"));
+    log.info(config_util(580), summary_text(&datasets, "Dataset"));
     // set_seed(seed) then the first draw of the global RNG
     let mut rng = PyRandom::new(seed as i128);
+    log.settle(&mut rng); // rich's draws for the lines logged since set_seed (see data::log)
     let dataset_seed = rng.randint(0, 1i64 << 31) as i128;
     for (i, ds) in datasets.iter_mut().enumerate() {
-        log.info(format!("[Prepare dataset {i}]"));
+        log.info(config_util(592), format!("[Prepare dataset {i}]"));
         make_buckets(ds, &mut rng, &log, progress)?;
         ds.seed = dataset_seed;
     }

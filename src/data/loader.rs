@@ -16,6 +16,7 @@ use super::image::{
     apply_color_aug, draw_color_aug, load_image_rgb, trim_and_resize, trim_offsets, ColorAug,
     Image8,
 };
+use super::log::DataLog;
 use super::pyrandom::{PyRandom, TorchCpuGenerator};
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
@@ -93,9 +94,9 @@ impl VirtualWorker {
     }
 
     /// The collate's `set_current_epoch(epoch)` on every dataset of this copy.
-    fn collate(&mut self, group: &DatasetGroup, epoch: i64) {
+    fn collate(&mut self, group: &DatasetGroup, epoch: i64, main_process: bool) {
         for (o, d) in self.orders.iter_mut().zip(&group.datasets) {
-            o.set_current_epoch(epoch, d.seed, &mut self.rng, Some(&group.log));
+            o.set_current_epoch(epoch, d.seed, &mut self.rng, Some(&group.log), main_process);
         }
     }
 }
@@ -237,6 +238,8 @@ pub struct Loader {
     pub persistent: bool,
     main: VirtualWorker,
     workers: Vec<VirtualWorker>,
+    /// The group's log: its rich draws land on the main process's RNG.
+    log: DataLog,
     pool: Pool,
     /// Batches planned and decoded ahead of the consumer.
     pub prefetch: usize,
@@ -261,6 +264,7 @@ impl Loader {
             n_workers,
             persistent,
             main: VirtualWorker::fresh(group, group.main_rng.clone()),
+            log: group.log.clone(),
             workers: vec![],
             pool: Pool::new(threads),
             prefetch: (2 * threads).max(2),
@@ -279,8 +283,10 @@ impl Loader {
         Self::new(group, w, group.args.persistent_data_loader_workers, threads)
     }
 
-    /// The main process's Python RNG (other main-process draws, e.g. multires noise, use it).
+    /// The main process's Python RNG (other main-process draws, e.g. multires noise, use it),
+    /// after the draws rich owes it for the lines logged since it was last used.
     pub fn main_rng(&mut self) -> &mut PyRandom {
+        self.log.settle(&mut self.main.rng);
         &mut self.main.rng
     }
 
@@ -417,11 +423,15 @@ impl EpochIter<'_> {
                 .is_some_and(|l| l.is_some())
                 || ds.images[i].latents_npz.is_some()
         };
+        if worker.is_none() {
+            // the main process's global RNG: first the draws rich made for the lines since
+            self.group.log.settle(&mut vw.rng);
+        }
         let mut items = vec![];
         for &i in &images {
             items.push(plan_item(ds, i, cached(i), &ctx, &mut vw.rng));
         }
-        vw.collate(self.group, self.epoch);
+        vw.collate(self.group, self.epoch, worker.is_none());
         BatchPlan {
             step_in_epoch: k,
             group_index: gidx,

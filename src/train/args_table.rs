@@ -4,9 +4,9 @@
 // default, choices, what sdlora does with it.
 flags! {
     // UT:add_logging_arguments
-    console_log_level: Option<String> => Str, false, D::None, ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], S::NoEffect("sdlora logs at INFO");
+    console_log_level: Option<String> => Str, false, D::None, ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], S::NoEffect("sdlora logs at INFO; the level still decides which lines count for the Python RNG, as rich's draws do in sd-scripts");
     console_log_file: Option<String> => Str, false, D::None, [], S::No("log to a file with shell redirection instead");
-    console_log_simple: bool => StoreTrue, false, D::False, [], S::NoEffect("sdlora's log lines are always plain");
+    console_log_simple: bool => StoreTrue, false, D::False, [], S::NoEffect("sdlora's log lines are always plain; it still turns off the rich draws sdlora replays on the Python RNG");
     // TU:add_sd_models_arguments
     v2: bool => StoreTrue, false, D::False, [], S::Yes;
     v_parameterization: bool => StoreTrue, false, D::False, [], S::Yes;

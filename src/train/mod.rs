@@ -38,8 +38,9 @@ pub fn run_cli(args: &[String]) -> Result<i32> {
             a
         }
     };
-    for w in train_args.verify()? {
+    let warnings = train_args.verify()?;
+    for w in &warnings {
         eprintln!("{w}");
     }
-    trainer::train(&train_args)
+    trainer::train(&train_args, &warnings)
 }

@@ -22,8 +22,9 @@ use super::step::{finish_optimizer_step, forward_loss, StepModels};
 use super::tensorboard::{local_timestamp, run_log_dir, EventWriter};
 use crate::data::args::DataArgs;
 use crate::data::cache::{cache_latents, LatentEncoder};
-use crate::data::dataset::{build_dataset_group, DatasetGroup};
+use crate::data::dataset::{build_dataset_group_with_log, DatasetGroup};
 use crate::data::loader::{GlobalTorchSeeds, Loader};
+use crate::data::log::{train_util, ConsoleHandler, DataLog, Level, Site};
 use crate::data::pyrandom::PyRandom;
 use crate::lora::metadata::{now_unix, PyValue as MetaValue, TrainingFacts};
 use crate::lora::network::{check_save_model_as, LoraNetwork, LoraOptions};
@@ -131,6 +132,57 @@ fn data_args(a: &TrainArgs, seed: u64) -> Result<DataArgs> {
         seed: Some(seed),
         v2: a.v2,
     })
+}
+
+/// The dataset log, set up as sd-scripts' console would be at `set_seed`: its handler (rich by
+/// default), rich's link cache filled by the `verify_training_args` warnings logged before the
+/// seed, and the tokenizer-loading lines logged after it (sdlora's tokenizer is built in, so it
+/// does not print them), whose rich draws come before the dataset seed (see data::log).
+fn sd_scripts_console(a: &TrainArgs, verify_warnings: &[String]) -> DataLog {
+    let log = DataLog::new(true);
+    log.set_console(ConsoleHandler::from_flags(
+        a.console_log_simple,
+        a.console_log_file.is_some(),
+        a.console_log_level.as_deref(),
+    ));
+    // verify_training_args / prepare_dataset_args (train_util.py) log before the seed: only
+    // their link-cache entries outlive the reseed. The config-file notice is logged later, by
+    // the dataset builder, as sd-scripts does.
+    for (i, w) in verify_warnings.iter().enumerate() {
+        if !w.starts_with("ignoring the following options") {
+            log.unprinted(Level::Warning, train_util(4400 + i as u32));
+        }
+    }
+    log.discard_owed();
+    // strategy_sd.SdTokenizeStrategy: "Using v1/v2 tokenizer", then strategy_base's
+    // "load tokenizer from cache" (cache present) or "save Tokenizer to cache" (absent)
+    log.unprinted(
+        Level::Info,
+        Site {
+            file: "strategy_sd.py",
+            line: 26,
+        },
+    );
+    if let Some(dir) = &a.tokenizer_cache_dir {
+        let id = if a.v2 {
+            "stabilityai_stable-diffusion-2"
+        } else {
+            "openai_clip-vit-large-patch14"
+        };
+        let line = if Path::new(dir).join(id).exists() {
+            61
+        } else {
+            68
+        };
+        log.unprinted(
+            Level::Info,
+            Site {
+                file: "strategy_base.py",
+                line,
+            },
+        );
+    }
+    log
 }
 
 fn save_precision(a: &TrainArgs) -> Option<Kind> {
@@ -362,7 +414,9 @@ impl crate::data::loader::SeedSource for ThrowawaySeeds {
 }
 
 /// Entry point: a parsed and verified argument set → a trained LoRA. Returns the exit code.
-pub fn train(a: &TrainArgs) -> Result<i32> {
+/// Runs `sdlora train`. `verify_warnings`: what [`TrainArgs::verify`] printed (sd-scripts logs
+/// those before seeding; they matter to the Python RNG through rich's link cache, see data::log).
+pub fn train(a: &TrainArgs, verify_warnings: &[String]) -> Result<i32> {
     install_signal_handlers();
     let t_start = now_unix();
     // §6.1: session id and (without --seed) the seed come from an unseeded Python RNG.
@@ -417,13 +471,14 @@ pub fn train(a: &TrainArgs) -> Result<i32> {
     }
 
     // --- dataset (sd-scripts builds it right after seeding)
+    let data_log = sd_scripts_console(a, verify_warnings);
     info(if a.v2 {
         "Using v2 tokenizer"
     } else {
         "Using v1 tokenizer"
     });
     let dargs = data_args(a, seed)?;
-    let mut group: DatasetGroup = build_dataset_group(&dargs)?;
+    let mut group: DatasetGroup = build_dataset_group_with_log(&dargs, data_log, true)?;
     if group.is_empty() {
         bail!("No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、画像があるフォルダの親フォルダを指定する必要があります）");
     }
