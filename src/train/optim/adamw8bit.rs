@@ -430,6 +430,24 @@ struct Group {
     name: String,
     lr: f64,
     slots: Vec<Slot>,
+    /// Set while the slots' states are views into shared buffers (see [`Batch`]).
+    batches: Vec<Batch>,
+}
+
+/// Parameters of one group updated together by whole-buffer kernels. Their states are views into
+/// shared flat buffers, each tensor keeping its own block padding, so one step is a few dozen
+/// kernels for the group rather than ~40 per tensor: on a GPU the launches dominated (a LoRA has
+/// ~500 small tensors). Every element and every 256-block sees the same arithmetic as the
+/// per-tensor update, so the results are bit-identical.
+struct Batch {
+    eight_bit: bool,
+    /// (slot index, element offset, numel, padded length) in slot order.
+    members: Vec<(usize, i64, i64, i64)>,
+    /// Flat state1/state2 (8-bit codes, or f32 m/v) and, for 8-bit, absmax1/absmax2.
+    s1: Tensor,
+    s2: Tensor,
+    absmax: Option<(Tensor, Tensor)>,
+    len: i64,
 }
 
 /// The kernel's per-call scalars, each an exact float32 value held as f64 (spec §3 table).
@@ -529,6 +547,7 @@ impl AdamW8bit {
                 name: g.name,
                 lr: g.lr,
                 slots,
+                batches: Vec::new(),
             });
         }
         Ok(AdamW8bit {
@@ -627,6 +646,10 @@ impl AdamW8bit {
         let _guard = tch::no_grad_guard();
         let mut pows: HashMap<i64, (f32, f32)> = HashMap::new();
         for gi in 0..self.groups.len() {
+            if self.batched_step(gi, &mut pows) {
+                continue;
+            }
+            self.groups[gi].batches.clear();
             let lr = self.groups[gi].lr;
             for si in 0..self.groups[gi].slots.len() {
                 let (grad, device, numel) = {
@@ -681,6 +704,165 @@ impl AdamW8bit {
         }
         self.step_count += 1;
         Ok(())
+    }
+
+    /// The whole group in one [`Batch`] update per state kind, when every parameter has a
+    /// gradient of its shape, is a contiguous float32 tensor on one device and all have done
+    /// the same number of steps (the training case). Returns false to leave it to the
+    /// per-tensor path.
+    fn batched_step(&mut self, gi: usize, pows: &mut HashMap<i64, (f32, f32)>) -> bool {
+        let g = &self.groups[gi];
+        let Some(first) = g.slots.first() else {
+            return false;
+        };
+        let device = first.param.device();
+        let step = first.state.as_ref().map(|s| s.step);
+        let eligible = g.slots.len() > 1
+            && g.slots.iter().all(|s| {
+                let grad = s.param.grad();
+                grad.defined()
+                    && grad.size() == s.param.size()
+                    && grad.device() == device
+                    && s.param.device() == device
+                    && s.param.kind() == Kind::Float
+                    && s.param.is_contiguous()
+                    && s.state.as_ref().map(|st| st.step) == step
+            });
+        if !eligible {
+            return false;
+        }
+        if self.groups[gi].batches.is_empty() {
+            self.build_batches(gi, device);
+        }
+        let mi = self.maps_index(device);
+        let maps = &self.maps[mi].1;
+        let general = self.general_path;
+        let g = &mut self.groups[gi];
+        let step = step.unwrap_or(0) + 1;
+        let sc = Scalars::new(&self.cfg, g.lr, step, pows);
+        for b in &mut g.batches {
+            let gflat = Tensor::zeros([b.len], (Kind::Float, device));
+            let mut pflat = Tensor::zeros([b.len], (Kind::Float, device));
+            for &(si, off, n, _) in &b.members {
+                let p = &g.slots[si].param;
+                gflat.narrow(0, off, n).copy_(&p.grad().reshape([-1]));
+                pflat.narrow(0, off, n).copy_(&p.view([-1]));
+            }
+            if b.eight_bit {
+                let (a1, a2) = b.absmax.as_mut().expect("8-bit batch has absmax");
+                update_8bit(
+                    &mut pflat,
+                    &gflat,
+                    [&mut b.s1, &mut b.s2],
+                    [a1, a2],
+                    maps,
+                    &sc,
+                    general,
+                );
+                for &(_, off, n, padded) in &b.members {
+                    if padded > n {
+                        // the kernel never stores its idle lanes (see update_8bit)
+                        let _ = b.s1.narrow(0, off + n, padded - n).fill_(SIGNED_PAD_CODE);
+                    }
+                }
+            } else {
+                update_32bit(&mut pflat, &gflat, &mut b.s1, &mut b.s2, &sc);
+            }
+            for &(si, off, n, _) in &b.members {
+                let p = &mut g.slots[si].param;
+                let shape = p.size();
+                p.copy_(&pflat.narrow(0, off, n).view(shape.as_slice()));
+            }
+        }
+        for s in &mut g.slots {
+            s.state.as_mut().expect("batched slots have state").step = step;
+        }
+        true
+    }
+
+    /// Gives every slot of group `gi` a state (fresh where it has none), then moves the states
+    /// into shared buffers, one per kind (8-bit or float32), leaving views in the slots.
+    fn build_batches(&mut self, gi: usize, device: Device) {
+        for si in 0..self.groups[gi].slots.len() {
+            if self.groups[gi].slots[si].state.is_none() {
+                let st = self.new_state(self.groups[gi].slots[si].numel, device);
+                self.groups[gi].slots[si].state = Some(st);
+            }
+        }
+        let g = &mut self.groups[gi];
+        let mut batches = Vec::new();
+        for eight_bit in [true, false] {
+            let mut members = Vec::new();
+            let (mut s1s, mut s2s, mut a1s, mut a2s) = (vec![], vec![], vec![], vec![]);
+            let mut off = 0i64;
+            for (si, slot) in g.slots.iter().enumerate() {
+                let st = slot.state.as_ref().expect("state made above");
+                match (&st.moments, eight_bit) {
+                    (
+                        Moments::EightBit {
+                            state1,
+                            state2,
+                            absmax1,
+                            absmax2,
+                        },
+                        true,
+                    ) => {
+                        members.push((si, off, slot.numel, state1.numel() as i64));
+                        off += state1.numel() as i64;
+                        s1s.push(state1.shallow_clone());
+                        s2s.push(state2.shallow_clone());
+                        a1s.push(absmax1.shallow_clone());
+                        a2s.push(absmax2.shallow_clone());
+                    }
+                    (Moments::Full { m, v }, false) => {
+                        members.push((si, off, slot.numel, slot.numel));
+                        off += slot.numel;
+                        s1s.push(m.shallow_clone());
+                        s2s.push(v.shallow_clone());
+                    }
+                    _ => {}
+                }
+            }
+            if members.is_empty() {
+                continue;
+            }
+            let s1 = Tensor::cat(&s1s, 0);
+            let s2 = Tensor::cat(&s2s, 0);
+            let absmax = eight_bit.then(|| (Tensor::cat(&a1s, 0), Tensor::cat(&a2s, 0)));
+            let mut boff = 0i64;
+            for &(si, off, _, padded) in &members {
+                let st = g.slots[si].state.as_mut().expect("state made above");
+                match &mut st.moments {
+                    Moments::EightBit {
+                        state1,
+                        state2,
+                        absmax1,
+                        absmax2,
+                    } => {
+                        let nb = padded / BLOCK;
+                        let (a1, a2) = absmax.as_ref().expect("8-bit");
+                        *state1 = s1.narrow(0, off, padded);
+                        *state2 = s2.narrow(0, off, padded);
+                        *absmax1 = a1.narrow(0, boff, nb);
+                        *absmax2 = a2.narrow(0, boff, nb);
+                        boff += nb;
+                    }
+                    Moments::Full { m, v } => {
+                        *m = s1.narrow(0, off, padded);
+                        *v = s2.narrow(0, off, padded);
+                    }
+                }
+            }
+            batches.push(Batch {
+                eight_bit,
+                members,
+                s1,
+                s2,
+                absmax,
+                len: off,
+            });
+        }
+        g.batches = batches;
     }
 
     /// Bytes held by optimizer state tensors (codes, absmax, or f32 moments) and the number of
@@ -831,6 +1013,9 @@ impl AdamW8bit {
         }
         for (gi, si, st) in new_states {
             self.groups[gi].slots[si].state = st;
+        }
+        for g in &mut self.groups {
+            g.batches.clear(); // the loaded states are separate tensors again
         }
         self.step_count = step_count;
         Ok(())
