@@ -577,14 +577,7 @@ impl Builder<'_> {
                 c.push(cap);
                 s.push(res);
             }
-            log.info(
-                train_util(2059),
-                format!(
-                    "found directory {} contains {} image files",
-                    dir.display(),
-                    p.len()
-                ),
-            );
+            log_found_directory(log, dir, p.len());
             (img_paths, captions, sizes, missing) = (p, c, s, m);
         } else {
             let p = glob_images(dir)?;
@@ -595,14 +588,7 @@ impl Builder<'_> {
                 train_util(2035),
                 format!("set image size from cache files: {set}/{}", p.len()),
             );
-            log.info(
-                train_util(2059),
-                format!(
-                    "found directory {} contains {} image files",
-                    dir.display(),
-                    p.len()
-                ),
-            );
+            log_found_directory(log, dir, p.len());
             let mut c = vec![];
             let mut m = vec![];
             for img in &p {
@@ -877,6 +863,15 @@ fn empty_dataset(bp: &DatasetBlueprint, reso: Reso, s: BucketSettings) -> Datase
         predefined_resos: vec![],
         tag_frequency: vec![],
     }
+}
+
+/// sd-scripts' line after listing a subset's images (one call site, reached on both the
+/// cached-info and the scanning path).
+fn log_found_directory(log: &DataLog, dir: &Path, n: usize) {
+    log.info(
+        train_util(2059),
+        format!("found directory {} contains {n} image files", dir.display()),
+    );
 }
 
 /// `make_buckets` (sizes, bucket assignment, repeats, batches) and the initial `random.seed(0)`
