@@ -84,16 +84,16 @@ impl OrderState {
         }
         if epoch > self.current_epoch {
             if let Some(l) = log {
-                l.info(
-                    train_util(784),
-                    format!(
-                        "epoch is incremented. current_epoch: {}, epoch: {}",
-                        self.current_epoch, epoch
-                    ),
+                let msg = format!(
+                    "epoch is incremented. current_epoch: {}, epoch: {}",
+                    self.current_epoch, epoch
                 );
-            }
-            if let (Some(l), true) = (log, main_process) {
-                l.discard_owed(); // shuffle_buckets reseeds right after the line
+                if main_process {
+                    l.info(train_util(784), msg);
+                    l.discard_owed(); // shuffle_buckets reseeds right after the line
+                } else {
+                    l.info_in_worker(msg);
+                }
             }
             for _ in 0..(epoch - self.current_epoch) {
                 self.current_epoch += 1;

@@ -153,11 +153,17 @@ impl DataLog {
     }
 
     pub fn info(&self, site: Site, msg: impl Into<String>) {
-        self.push(Level::Info, site, msg.into());
+        self.push(Level::Info, Some(site), msg.into());
     }
 
     pub fn warn(&self, site: Site, msg: impl Into<String>) {
-        self.push(Level::Warning, site, msg.into());
+        self.push(Level::Warning, Some(site), msg.into());
+    }
+
+    /// A line sd-scripts logs in a DataLoader worker process: its rich draws land on that
+    /// worker's RNG, which the worker reseeds itself, so it does not count here.
+    pub fn info_in_worker(&self, msg: impl Into<String>) {
+        self.push(Level::Info, None, msg.into());
     }
 
     /// A record sd-scripts logs here that sdlora does not print (e.g. its tokenizer loading):
@@ -166,7 +172,7 @@ impl DataLog {
         self.rich.lock().unwrap().record(level, site);
     }
 
-    fn push(&self, level: Level, site: Site, msg: String) {
+    fn push(&self, level: Level, site: Option<Site>, msg: String) {
         if self.echo {
             let tag = match level {
                 Level::Info => "INFO    ",
@@ -174,7 +180,9 @@ impl DataLog {
             };
             eprintln!("{tag} {msg}");
         }
-        self.rich.lock().unwrap().record(level, site);
+        if let Some(site) = site {
+            self.rich.lock().unwrap().record(level, site);
+        }
         self.lines.lock().unwrap().push(LogLine { level, msg });
     }
 

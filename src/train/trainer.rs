@@ -24,14 +24,16 @@ use crate::data::args::DataArgs;
 use crate::data::cache::{cache_latents, LatentEncoder};
 use crate::data::dataset::{build_dataset_group_with_log, DatasetGroup};
 use crate::data::loader::{GlobalTorchSeeds, Loader};
-use crate::data::log::{train_util, ConsoleHandler, DataLog, Level, Site};
+use crate::data::log::{train_network, train_util, ConsoleHandler, DataLog, Level, Site};
 use crate::data::pyrandom::PyRandom;
 use crate::lora::metadata::{now_unix, PyValue as MetaValue, TrainingFacts};
 use crate::lora::network::{check_save_model_as, LoraNetwork, LoraOptions};
 use crate::models::attention::AttentionBackend;
 use crate::models::clip::ClipTextModel;
 use crate::models::layers::VisitLayers;
-use crate::models::loading::{checkpoint_format, load_checkpoint, load_vae, LoadOptions};
+use crate::models::loading::{
+    checkpoint_format, load_checkpoint, load_vae, CheckpointFormat, LoadOptions,
+};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -183,6 +185,75 @@ fn sd_scripts_console(a: &TrainArgs, verify_warnings: &[String]) -> DataLog {
         );
     }
     log
+}
+
+/// What shapes sd-scripts' log lines between building the dataset and the first batch.
+struct SetupFacts {
+    single_file: bool,
+    /// UNet blocks with a gradient_checkpointing flag: down blocks, the mid block, up blocks.
+    unet_blocks: usize,
+    conv_lora: bool,
+    train_te: bool,
+    train_unet: bool,
+    optimizer: OptimizerKind,
+}
+
+/// sd-scripts' lines (as rich draws, see data::log) from `accelerator` setup to the first batch
+/// for the configurations sdlora runs (sd-scripts 48d368f, traced: train_network.py with
+/// networks.lora on a single-file SD checkpoint). sdlora prints its own versions of some of them;
+/// the dataset's latent-caching lines are logged by data::cache. Saving logs nothing until the
+/// final "model saved.", after the last draw. Not modelled: Diffusers-folder and --vae loading
+/// lines, --network_weights, optimizer warnings.
+fn sd_scripts_setup_records(log: &DataLog, a: &TrainArgs, f: &SetupFacts) {
+    let info = |site: Site| log.unprinted(Level::Info, site);
+    let file = |file: &'static str, line: u32| Site { file, line };
+    info(train_network(593)); // preparing accelerator
+    info(train_util(5574)); // loading model for process 0/1
+    if f.single_file {
+        info(train_util(5530)); // load StableDiffusion checkpoint
+        info(file("original_unet.py", 1395)); // UNet2DConditionModel: ...
+        info(file("model_util.py", 1011)); // loading u-net
+        info(file("model_util.py", 1019)); // loading vae
+        info(file("model_util.py", 1076)); // loading text encoder
+    } else {
+        info(train_util(5536)); // load Diffusers pretrained models
+    }
+    // replace_unet_modules: mem_eff_attn, else xformers, else sdpa
+    if a.mem_eff_attn {
+        info(train_util(3364));
+    } else if a.xformers {
+        info(train_util(3367));
+    } else if a.sdpa {
+        info(train_util(3375));
+    }
+    info(file("lora.py", 935)); // create LoRA network. base dim (rank)
+    info(file("lora.py", 936)); // neuron dropout
+    if f.conv_lora {
+        info(file("lora.py", 940)); // apply LoRA to Conv2d with kernel size (3,3)
+    }
+    info(file("lora.py", 1030)); // create LoRA for Text Encoder:
+    info(file("lora.py", 1035)); // ... N modules.
+    info(file("lora.py", 1043)); // create LoRA for U-Net: N modules.
+    if f.train_te {
+        info(file("lora.py", 1084)); // enable LoRA for text encoder
+    }
+    if f.train_unet {
+        info(file("lora.py", 1089)); // enable LoRA for U-Net
+    }
+    if a.gradient_checkpointing {
+        for _ in 0..f.unet_blocks {
+            info(file("original_unet.py", 1529)); // <Block> False -> True
+        }
+    }
+    info(train_util(match f.optimizer {
+        OptimizerKind::AdamW => 5096,
+        OptimizerKind::AdamW8bit => 4897,
+        OptimizerKind::Lion => 4886,
+        OptimizerKind::SgdNesterov => 4969,
+        OptimizerKind::Adafactor => 5056,
+    }));
+    info(train_network(1347)); // unet dtype
+    info(train_network(1353)); // text_encoder [0] dtype
 }
 
 fn save_precision(a: &TrainArgs) -> Option<Kind> {
@@ -516,6 +587,8 @@ pub fn train(a: &TrainArgs, verify_warnings: &[String]) -> Result<i32> {
         ck.vae_config = cfg;
         ck.vae = w;
     }
+    let unet_blocks =
+        ck.unet_config.down_block_types.len() + 1 + ck.unet_config.up_block_types.len();
     let mut unet = UNet2DConditionModel::load(&ck.unet_config, &mut ck.unet)?;
     std::mem::replace(
         &mut ck.unet,
@@ -774,6 +847,18 @@ pub fn train(a: &TrainArgs, verify_warnings: &[String]) -> Result<i32> {
     // --- the loop (§4)
     let noise_sched = NoiseScheduler::new(DdpmConfig::default(), a.zero_terminal_snr);
     let loss_cfg = LossConfig::from_args(a)?;
+    sd_scripts_setup_records(
+        &group.log,
+        a,
+        &SetupFacts {
+            single_file: format == CheckpointFormat::SingleFile,
+            unet_blocks,
+            conv_lora: lora_opts.conv_dim.is_some(),
+            train_te,
+            train_unet,
+            optimizer: opt_kind,
+        },
+    );
     let mut loader = Loader::from_args(&group);
     loader.max_train_steps = max_train_steps;
     if let Some(st) = &resumed {
