@@ -786,6 +786,65 @@ fn dataloader_worker_model_matches_torch() {
     }
 }
 
+/// sd-scripts starts `min(--max_data_loader_n_workers, os.cpu_count())` workers, and Python's
+/// count ignores the CPUs a process is confined to. Confine this thread (and the Python started
+/// from it) to one CPU, as `taskset` or a container quota does: sdlora must still count what
+/// Python counts, not the one CPU it may use.
+#[test]
+fn worker_count_follows_python_cpu_count_under_affinity() {
+    let h = std::thread::spawn(|| {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; pid 0 = this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "sched_setaffinity"
+            );
+        }
+        let out = Command::new(python())
+            .args([
+                "-c",
+                "import os; print(os.cpu_count(), len(os.sched_getaffinity(0)))",
+            ])
+            .output()
+            .expect("python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let v: Vec<usize> = text
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (
+            v[0],
+            v[1],
+            sdlora::data::loader::python_cpu_count(),
+            sdlora::data::loader::effective_workers(8),
+            sdlora::data::loader::usable_cpus(),
+        )
+    });
+    let (py_count, py_affinity, ours, workers, usable) = h.join().unwrap();
+    assert_eq!(
+        py_affinity, 1,
+        "the Python child should inherit the one-CPU affinity"
+    );
+    assert_eq!(usable, 1, "this thread may use one CPU");
+    assert_eq!(ours, py_count, "os.cpu_count()");
+    assert_eq!(
+        workers,
+        8.min(py_count),
+        "sd-scripts' default DataLoader worker count"
+    );
+    if py_count < 2 {
+        eprintln!("note: one online CPU; the affinity case cannot differ here");
+    }
+}
+
 /// Throughput of the background decoding (run with --ignored --nocapture): batches per second
 /// with 1 and 2 threads while the consumer "trains" for a fixed time per step.
 #[test]

@@ -233,7 +233,7 @@ impl Drop for Pool {
 
 /// sd-scripts' DataLoader over a [`DatasetGroup`].
 pub struct Loader {
-    /// DataLoader workers sd-scripts would use: min(--max_data_loader_n_workers, cpu_count).
+    /// DataLoader workers sd-scripts would use: min(--max_data_loader_n_workers, os.cpu_count()).
     pub n_workers: usize,
     pub persistent: bool,
     main: VirtualWorker,
@@ -249,12 +249,42 @@ pub struct Loader {
     pub cpu_count: usize,
 }
 
-/// `min(max_data_loader_n_workers, os.cpu_count())`.
+/// `min(max_data_loader_n_workers, os.cpu_count())`: how many DataLoader workers sd-scripts
+/// starts (`train_network.py`), which decides which copy of the dataset fetches each batch.
 pub fn effective_workers(max_data_loader_n_workers: i64) -> usize {
-    let cpus = std::thread::available_parallelism()
+    (max_data_loader_n_workers.max(0) as usize).min(python_cpu_count())
+}
+
+/// What Python's `os.cpu_count()` returns on this machine: the number of *online* CPUs
+/// (`sysconf(_SC_NPROCESSORS_ONLN)`), not the CPUs this process may run on. The two differ in
+/// containers with a CPU quota and under `taskset`, where Rust's `available_parallelism` (affinity
+/// and cgroup quota) is smaller; using it made sdlora start fewer virtual workers than sd-scripts
+/// and visit the images in another order from the third batch on.
+/// `SDLORA_CPU_COUNT` overrides it, to reproduce a run made on a machine with another CPU count.
+pub fn python_cpu_count() -> usize {
+    cpu_count_with(std::env::var("SDLORA_CPU_COUNT").ok().as_deref())
+}
+
+fn cpu_count_with(over: Option<&str>) -> usize {
+    if let Some(n) = over.and_then(|v| v.trim().parse::<usize>().ok()) {
+        if n > 0 {
+            return n;
+        }
+    }
+    // SAFETY: sysconf only reads system configuration.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        usable_cpus()
+    }
+}
+
+/// CPUs this process may use (affinity, cgroup quota): how many decoding threads are worth it.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(1);
-    (max_data_loader_n_workers.max(0) as usize).min(cpus)
+        .unwrap_or(1)
 }
 
 impl Loader {
@@ -270,16 +300,16 @@ impl Loader {
             prefetch: (2 * threads).max(2),
             current_step: 0,
             max_train_steps: 1600,
-            cpu_count: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            cpu_count: python_cpu_count(),
         }
     }
 
     /// As sd-scripts configures it from the group's arguments.
     pub fn from_args(group: &DatasetGroup) -> Self {
         let w = effective_workers(group.args.max_data_loader_n_workers);
-        let threads = w.max(1);
+        // sd-scripts may start more workers than there are usable cores (os.cpu_count() ignores
+        // affinity and quotas); the replay keeps all of them, the decoding threads do not.
+        let threads = w.min(usable_cpus()).max(1);
         Self::new(group, w, group.args.persistent_data_loader_workers, threads)
     }
 
@@ -817,5 +847,21 @@ impl EpochIter<'_> {
     /// The main process's Python RNG while an epoch runs (multires noise draws from it).
     pub fn main_rng(&mut self) -> &mut PyRandom {
         self.loader.main_rng()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_count_with;
+
+    #[test]
+    fn cpu_count_override() {
+        let online = cpu_count_with(None);
+        assert!(online >= 1);
+        assert_eq!(cpu_count_with(Some("16")), 16);
+        assert_eq!(cpu_count_with(Some(" 3 ")), 3);
+        // unusable values fall back to the machine's count
+        assert_eq!(cpu_count_with(Some("0")), online);
+        assert_eq!(cpu_count_with(Some("many")), online);
     }
 }
