@@ -469,6 +469,14 @@ fn pow_f32(beta: f32, t: i64) -> f32 {
         .double_value(&[0]) as f32
 }
 
+/// sqrt as the reference computes it: libtorch's CPU float sqrt, which goes through MKL and is
+/// not correctly rounded on every CPU (on AMD EPYC, sqrt(1 - 0.95f^2) comes out 1 ulp above
+/// Rust's f32::sqrt). bitsandbytes' CUDA sqrt is fast-math anyway, so the reference is the
+/// target, and matching its op keeps the two bit-identical on any CPU vendor.
+fn sqrt_f32(x: f32) -> f32 {
+    Tensor::from_slice(&[x]).sqrt().double_value(&[0]) as f32
+}
+
 impl Scalars {
     fn new(cfg: &AdamW8bitConfig, lr: f64, step: i64, pows: &mut HashMap<i64, (f32, f32)>) -> Self {
         // Every hyper-parameter reaches the kernel as a C float and all arithmetic is float32;
@@ -479,7 +487,7 @@ impl Scalars {
             .entry(step)
             .or_insert_with(|| (pow_f32(b1, step), pow_f32(b2, step)));
         let c1 = 1.0f32 - p1;
-        let c2 = (1.0f32 - p2).sqrt();
+        let c2 = sqrt_f32(1.0f32 - p2);
         let step_size = (-lr * c2) / c1;
         Scalars {
             b1: b1.into(),
