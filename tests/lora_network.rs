@@ -6,7 +6,7 @@ mod lora_common;
 use lora_common::*;
 use sdlora::lora::file::LoraFile;
 use sdlora::lora::metadata::{network_args_json, TrainingFacts, VOLATILE_KEYS};
-use sdlora::lora::{LoraNetwork, LoraOptions};
+use sdlora::lora::{Alpha, LoraNetwork, LoraOptions};
 use sdlora::models::config::{ClipTextConfig, UNetConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -213,7 +213,7 @@ fn dtype_rules_for_weights_and_alpha() {
     let o = LoraOptions::from_args(
         Some("networks.lora"),
         Some(8),
-        Some(16.0),
+        Some(Alpha::float(16.0)),
         None,
         &[],
         false,
@@ -248,7 +248,7 @@ fn dim_from_weights_takes_ranks_and_alphas_from_the_file() {
     let o = LoraOptions::from_args(
         Some("networks.lora"),
         Some(6),
-        Some(3.0),
+        Some(Alpha::float(3.0)),
         None,
         &["conv_dim=2".into(), "conv_alpha=0.5".into()],
         false,

@@ -127,7 +127,7 @@ fn tutorial_command_is_accepted() {
     assert_eq!(a.network_module.as_deref(), Some("networks.lora"));
     // implicit values of the tutorial run (spec §7)
     assert_eq!(a.network_dim, None);
-    assert!(a.network_alpha_is_int());
+    assert_eq!(a.network_alpha_given(), None);
     assert_eq!(a.network_alpha, 1.0);
     assert_eq!(a.lr_scheduler, "constant");
     assert_eq!(a.lr_warmup_steps, IntOrFloat::Int(0));
@@ -192,8 +192,13 @@ fn argparse_forms() {
         parse(&["--lr_warmup_steps=20"]).lr_warmup_steps,
         IntOrFloat::Int(20)
     );
-    // explicit float flag keeps network_alpha a float
-    assert!(!parse(&["--network_alpha=1"]).network_alpha_is_int());
+    // an explicit flag is a Python float even when it equals the int default (float32 alpha)
+    let given = parse(&["--network_alpha=1"]).network_alpha_given().unwrap();
+    assert_eq!((given.value, given.kind), (1.0, tch::Kind::Float));
+    let given = parse(&["--network_alpha", "8"])
+        .network_alpha_given()
+        .unwrap();
+    assert_eq!((given.value, given.kind), (8.0, tch::Kind::Float));
 }
 
 #[test]
@@ -337,7 +342,7 @@ fn config_file_precedence() {
     let cfg = dir.join("train.toml");
     std::fs::write(
         &cfg,
-        "[model]\npretrained_model_name_or_path = \"m.safetensors\"\n[training]\nlearning_rate = 1e-4\nmax_train_epochs = 4\nresolution = \"640,512\"\nnetwork_args = [\"conv_dim=4\"]\nxformers = true\nnot_an_option = 3\n[other]\nlearning_rate = 2e-4\n",
+        "[model]\npretrained_model_name_or_path = \"m.safetensors\"\n[training]\nlearning_rate = 1e-4\nmax_train_epochs = 4\nresolution = \"640,512\"\nnetwork_args = [\"conv_dim=4\"]\nnetwork_alpha = 8\nxformers = true\nnot_an_option = 3\n[other]\nlearning_rate = 2e-4\n",
     )
     .unwrap();
     // ".toml" appended when missing; CLI beats config file; config beats defaults
@@ -358,6 +363,9 @@ fn config_file_precedence() {
     assert_eq!(a.resolution_wh().unwrap(), Some((640, 512)));
     assert_eq!(a.network_args, Some(vec!["conv_dim=4".to_string()]));
     assert!(a.xformers);
+    // a TOML integer stays a Python int in sd-scripts' namespace: int64 alpha, "8" in metadata
+    let alpha = a.network_alpha_given().unwrap();
+    assert_eq!((alpha.value, alpha.kind), (8.0, tch::Kind::Int64));
     assert_eq!(a.train_batch_size, 1);
     assert!(
         notices.iter().any(|n| n.contains("not_an_option")),

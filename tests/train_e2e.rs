@@ -1,6 +1,7 @@
 //! `sdlora train` end to end on a tiny SD-shaped checkpoint and a tutorial-layout dataset:
 //! the tutorial's flags are accepted, the files sd-scripts would write appear, runs are
 //! reproducible, a resumed run continues bit-identically, and Ctrl-C leaves only whole files.
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -224,6 +225,136 @@ fn unknown_flags_are_listed_together() {
     assert!(!out.join("zunko.safetensors").exists());
 }
 
+/// Inputs sd-scripts stops on (or would train wrongly with) are refused with the flag or folder
+/// named, before the checkpoint is read.
+#[test]
+fn bad_inputs_are_named_before_models_load() {
+    let empty = root().join("target/tmp/train-e2e-runs/empty-subset");
+    let _ = std::fs::remove_dir_all(&empty);
+    std::fs::create_dir_all(empty.join("imgs")).unwrap();
+    std::fs::write(empty.join("imgs/notes.txt"), "a caption without an image").unwrap();
+    let cfg = empty.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{}'\n  num_repeats = 2\n  [[datasets.subsets]]\n  image_dir = '{}'\n",
+            empty.join("imgs").display(),
+            empty.join("missing").display()
+        ),
+    )
+    .unwrap();
+    let cases: Vec<(&str, Vec<String>, Vec<String>)> = vec![
+        (
+            "negative lr",
+            vec!["--learning_rate=-1".into()],
+            vec!["--learning_rate=-1.0".into(), "negative".into()],
+        ),
+        (
+            "negative unet lr",
+            vec!["--unet_lr=-0.001".into()],
+            vec!["--unet_lr=-0.001".into()],
+        ),
+        (
+            "zero lr",
+            vec!["--learning_rate=0".into()],
+            vec!["--learning_rate=0.0".into(), "nothing to train".into()],
+        ),
+        (
+            "zero lr, unet only",
+            vec![
+                "--learning_rate=1e-4".into(),
+                "--unet_lr=0".into(),
+                "--network_train_unet_only".into(),
+            ],
+            vec!["--unet_lr=0.0".into(), "nothing to train".into()],
+        ),
+        (
+            "Lion lr 0",
+            vec![
+                "--optimizer_type=Lion".into(),
+                "--learning_rate=0".into(),
+                "--unet_lr=1e-4".into(),
+            ],
+            vec!["Lion".into(), "--learning_rate=0.0".into()],
+        ),
+        (
+            "rank 0",
+            vec!["--network_dim=0".into()],
+            vec!["--network_dim=0".into()],
+        ),
+        (
+            "empty image_dir",
+            vec![format!("--dataset_config={}", cfg.display())],
+            vec![
+                format!(
+                    "image_dir '{}' holds no image files",
+                    empty.join("imgs").display()
+                ),
+                format!(
+                    "image_dir '{}' is not a directory",
+                    empty.join("missing").display()
+                ),
+            ],
+        ),
+    ];
+    for (name, extra, want) in cases {
+        let out = out_dir(&format!("bad-{}", name.replace(' ', "-").replace(',', "")));
+        let mut args: Vec<String> = tutorial_args(&out)
+            .into_iter()
+            .filter(|a| {
+                !(extra.iter().any(|e| e.starts_with("--dataset_config"))
+                    && a.starts_with("--dataset_config"))
+            })
+            .collect();
+        args.extend(extra.iter().cloned());
+        let o = sdlora(&args);
+        let log = text(&o);
+        assert!(!o.status.success(), "{name}: should be refused:\n{log}");
+        for w in &want {
+            assert!(
+                log.contains(w.as_str()),
+                "{name}: error should contain {w:?}:\n{log}"
+            );
+        }
+        assert!(
+            !log.contains("load StableDiffusion checkpoint"),
+            "{name}: refused only after loading the model:\n{log}"
+        );
+        assert!(!out.join("zunko.safetensors").exists());
+    }
+    // A zero learning rate for one part is fine while the other part trains (sd-scripts skips
+    // the group): accepted, and it gets past the checks into training.
+    let out = out_dir("zero-te-lr");
+    let mut args = tutorial_args(&out);
+    args.retain(|a| !a.starts_with("--max_train_epochs") && !a.starts_with("--save_every"));
+    args.extend(["--max_train_steps=1".into(), "--text_encoder_lr=0".into()]);
+    let o = sdlora(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("NO LR skipping!"), "{}", text(&o));
+    // rank 0 with conv_dim: sd-scripts trains the 3x3 conv modules only
+    let out = out_dir("conv-only");
+    let mut args = tutorial_args(&out);
+    args.retain(|a| !a.starts_with("--max_train_epochs") && !a.starts_with("--save_every"));
+    args.extend(
+        [
+            "--max_train_steps=1",
+            "--network_dim=0",
+            "--network_args",
+            "conv_dim=2",
+        ]
+        .map(String::from),
+    );
+    let o = sdlora(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = tensors(&out.join("zunko.safetensors"));
+    assert!(!t.is_empty());
+    assert!(
+        t.iter()
+            .all(|(n, x)| !n.ends_with("lora_down.weight") || x.size()[2..] == [3, 3]),
+        "only 3x3 conv modules expected"
+    );
+}
+
 #[test]
 fn sigint_leaves_whole_files_and_a_resumable_state() {
     let out = out_dir("sigint");
@@ -288,4 +419,138 @@ fn sigint_leaves_whole_files_and_a_resumable_state() {
         text(&o)
     );
     assert!(out.join("zunko.safetensors").is_file());
+}
+
+/// The `.alpha` dtype and value of a saved file: one Linear module, and one 3×3 conv module.
+fn saved_alphas(path: &Path) -> (Value, Value) {
+    let t = tensors(path);
+    let kind_name = |k: tch::Kind| match k {
+        tch::Kind::Int64 => "int64",
+        tch::Kind::Float => "float32",
+        tch::Kind::Half => "float16",
+        tch::Kind::BFloat16 => "bfloat16",
+        other => panic!("unexpected alpha dtype {other:?}"),
+    };
+    let alpha_of = |module: &str| -> Value {
+        let (_, a) = t
+            .iter()
+            .find(|(n, _)| n == &format!("{module}.alpha"))
+            .unwrap();
+        serde_json::json!([
+            kind_name(a.kind()),
+            a.to_kind(tch::Kind::Double).double_value(&[])
+        ])
+    };
+    let module_with = |pred: &dyn Fn(&[i64]) -> bool| -> Option<String> {
+        t.iter()
+            .find(|(n, x)| n.ends_with(".lora_down.weight") && pred(&x.size()))
+            .map(|(n, _)| n.trim_end_matches(".lora_down.weight").to_string())
+    };
+    let linear = module_with(&|s| s.len() == 2).expect("a Linear module");
+    let conv = module_with(&|s| s.len() == 4 && s[2] == 3);
+    (
+        alpha_of(&linear),
+        conv.map(|c| alpha_of(&c)).unwrap_or(Value::Null),
+    )
+}
+
+/// `.alpha` tensors as sd-scripts saves them, for the flag paths that decide their dtype:
+/// omitted (int64), given on the command line (float32, even `--network_alpha=1`), 0 (the rank,
+/// int64), `--save_precision`, conv_dim without conv_alpha, `--network_weights` (the dtype of
+/// the buffers the flags create) and `--dim_from_weights` (the file's alphas as float32).
+/// Expected values: tests/oracles/lora_alpha.py (argparse + torch).
+#[test]
+fn alpha_dtypes_follow_sd_scripts() {
+    let base: Vec<String> = tutorial_args(Path::new("/unused"))
+        .into_iter()
+        .filter(|a| {
+            !a.starts_with("--output_dir")
+                && !a.starts_with("--max_train_epochs")
+                && !a.starts_with("--save_every_n_epochs")
+        })
+        .chain(["--max_train_steps=1".to_string()])
+        .collect();
+    let run = |name: &str, extra: &[String]| -> PathBuf {
+        let out = out_dir(&format!("alpha-{name}"));
+        let mut args = base.clone();
+        args.push(format!("--output_dir={}", out.display()));
+        args.extend(extra.iter().cloned());
+        let o = sdlora(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        out.join("zunko.safetensors")
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let omitted = run("omitted", &[]);
+    let one = run("one", &s(&["--network_alpha=1"]));
+    let mut cases: Vec<(String, Vec<String>, Option<PathBuf>)> = vec![
+        ("omitted".into(), vec![], None),
+        ("given 1".into(), s(&["--network_alpha=1"]), None),
+        (
+            "zero".into(),
+            s(&["--network_alpha=0", "--network_dim=8"]),
+            None,
+        ),
+        (
+            "fp16".into(),
+            s(&["--network_alpha=4", "--save_precision=fp16"]),
+            None,
+        ),
+        ("bf16 default".into(), s(&["--save_precision=bf16"]), None),
+        ("conv".into(), s(&["--network_args", "conv_dim=2"]), None),
+        (
+            "conv given".into(),
+            s(&[
+                "--network_alpha=2",
+                "--network_args",
+                "conv_dim=2",
+                "conv_alpha=1",
+            ]),
+            None,
+        ),
+    ];
+    for (file, label) in [(&omitted, "int64 file"), (&one, "float32 file")] {
+        let w = format!("--network_weights={}", file.display());
+        cases.push((
+            format!("weights from {label}"),
+            vec![w.clone(), "--network_alpha=3".into()],
+            Some(file.clone()),
+        ));
+        cases.push((
+            format!("dim_from_weights {label}"),
+            vec![w, "--dim_from_weights".into()],
+            Some(file.clone()),
+        ));
+    }
+    let mut oracle_in = vec![];
+    let mut got = vec![];
+    for (i, (name, extra, weights)) in cases.iter().enumerate() {
+        let file = match name.as_str() {
+            "omitted" => omitted.clone(),
+            "given 1" => one.clone(),
+            _ => run(&format!("case{i}"), extra),
+        };
+        let file_alpha = weights.as_ref().map(|w| saved_alphas(w).0);
+        oracle_in.push(serde_json::json!({"argv": extra, "file_alpha": file_alpha, "conv": false}));
+        got.push((name.clone(), saved_alphas(&file)));
+    }
+    let mut child = Command::new(python())
+        .arg(root().join("tests/oracles/lora_alpha.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&oracle_in).unwrap().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "oracle failed");
+    let want: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    for ((name, (lin, conv)), w) in got.iter().zip(&want) {
+        assert_eq!(lin, &w["linear"], "{name}: Linear module alpha");
+        assert_eq!(conv, &w["conv"], "{name}: 3x3 conv module alpha");
+    }
 }

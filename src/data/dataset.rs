@@ -358,9 +358,15 @@ type BucketSettings = (Option<i64>, Option<i64>, Option<i64>, bool);
 
 struct Builder<'a> {
     log: &'a DataLog,
+    /// Why each ignored subset was left out, for the error when nothing is left.
+    ignored: std::cell::RefCell<Vec<String>>,
 }
 
 impl Builder<'_> {
+    fn ignore(&self, why: String) {
+        self.ignored.borrow_mut().push(why);
+    }
+
     fn resolution(&self, bp: &DatasetBlueprint, idx: usize, source: &str) -> Result<Reso> {
         let Some((w, h)) = bp.params.resolution else {
             bail!(
@@ -419,6 +425,10 @@ impl Builder<'_> {
             let dir_s = sp.image_dir.clone().unwrap_or_default();
             if sp.num_repeats < 1 {
                 log.warn(train_util(2120), format!("ignore subset with image_dir='{dir_s}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
+                self.ignore(format!(
+                    "image_dir '{dir_s}': num_repeats = {} (must be at least 1)",
+                    sp.num_repeats
+                ));
                 continue;
             }
             if ds
@@ -436,6 +446,14 @@ impl Builder<'_> {
             }
             if img_paths.is_empty() {
                 log.warn(train_util(2133), format!("ignore subset with image_dir='{dir_s}': no images found / 画像が見つからないためサブセットを無視します"));
+                self.ignore(if dir.is_dir() {
+                    format!(
+                        "image_dir '{dir_s}' holds no image files ({} directly inside it; subfolders are not searched)",
+                        super::image::IMAGE_EXTENSIONS[..5].join(" ")
+                    )
+                } else {
+                    format!("image_dir '{dir_s}' is not a directory")
+                });
                 continue;
             }
             let n = img_paths.len();
@@ -672,6 +690,10 @@ impl Builder<'_> {
             let mf = sp.metadata_file.clone().unwrap_or_default();
             if sp.num_repeats < 1 {
                 log.warn(train_util(2231), format!("ignore subset with metadata_file='{mf}': num_repeats is less than 1 / num_repeatsが1を下回っているためサブセットを無視します: {}", sp.num_repeats));
+                self.ignore(format!(
+                    "metadata_file '{mf}': num_repeats = {} (must be at least 1)",
+                    sp.num_repeats
+                ));
                 continue;
             }
             if ds
@@ -713,6 +735,7 @@ impl Builder<'_> {
             };
             if entries.is_empty() {
                 log.warn(train_util(2267), format!("ignore subset with '{mf}': no image entries found / 画像に関するデータが見つからないためサブセットを無視します"));
+                self.ignore(format!("metadata_file '{mf}' lists no images"));
                 continue;
             }
             let subset_idx = ds.subsets.len();
@@ -1159,7 +1182,10 @@ pub fn build_dataset_group_with_log(
     };
     let blueprints = config::generate_blueprint(&cfg, args);
     check_blueprints(&blueprints, args, &cfg.source)?;
-    let b = Builder { log: &log };
+    let b = Builder {
+        log: &log,
+        ignored: Default::default(),
+    };
     let mut datasets = Vec::new();
     for (i, bp) in blueprints.iter().enumerate() {
         let ds = match bp.kind {
@@ -1190,7 +1216,15 @@ pub fn build_dataset_group_with_log(
         latents: vec![],
     };
     if group.is_empty() {
-        bail!("No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、画像があるフォルダの親フォルダを指定する必要があります）");
+        let why = b.ignored.borrow();
+        bail!(
+            "No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、画像があるフォルダの親フォルダを指定する必要があります）{}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("\nsubsets left out:\n  {}", why.join("\n  "))
+            }
+        );
     }
     if (args.cache_latents || args.cache_latents_to_disk) && !group.is_latent_cacheable() {
         {

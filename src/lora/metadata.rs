@@ -3,6 +3,7 @@
 //! (spec: sdscripts_cli_data.md §5.4). Values are what Python's `str()` gives, so the strings
 //! match sd-scripts' byte for byte where the inputs are the same.
 use super::file::{file_sha256, legacy_file_hash};
+use super::module::Alpha;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -181,8 +182,9 @@ pub struct TrainingFacts {
     pub lr_scheduler: String,
     pub network_module: String,
     pub network_dim: Option<i64>,
-    /// None when `--network_alpha` was omitted (sd-scripts then writes "1", the int default).
-    pub network_alpha: Option<f64>,
+    /// None when `--network_alpha` was omitted (sd-scripts then writes "1", the int default);
+    /// otherwise `str()` of the value as Python holds it ("1.0" from the command line).
+    pub network_alpha: Option<Alpha>,
     pub network_dropout: Option<f64>,
     pub mixed_precision: String,
     pub full_fp16: bool,
@@ -446,9 +448,11 @@ impl TrainingFacts {
         put("ss_network_dim", opt_i(&self.network_dim));
         put(
             "ss_network_alpha",
-            self.network_alpha
-                .map(py_float)
-                .unwrap_or_else(|| "1".into()),
+            match self.network_alpha {
+                None => "1".into(),
+                Some(a) if a.kind == tch::Kind::Int64 => (a.value as i64).to_string(),
+                Some(a) => py_float(a.value),
+            },
         );
         put("ss_network_dropout", opt_f(&self.network_dropout));
         put("ss_mixed_precision", self.mixed_precision.clone());

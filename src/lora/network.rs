@@ -99,11 +99,13 @@ pub fn parse_network_args(network_args: &[String]) -> Result<Vec<(String, String
 
 impl LoraOptions {
     /// Builds the options from sd-scripts' flags. `network_alpha` is None when the flag was
-    /// omitted (sd-scripts then uses the int 1). Errors name the flag.
+    /// omitted (sd-scripts then uses the int 1); given, it keeps its Python type: a command-line
+    /// value is a float (float32 alpha, even for `--network_alpha=1`), a `--config_file` integer
+    /// an int (int64 alpha). Errors name the flag.
     pub fn from_args(
         network_module: Option<&str>,
         network_dim: Option<i64>,
-        network_alpha: Option<f64>,
+        network_alpha: Option<Alpha>,
         network_dropout: Option<f64>,
         network_args: &[String],
         network_train_unet_only: bool,
@@ -124,14 +126,11 @@ impl LoraOptions {
         }
         let network_dim = network_dim.unwrap_or(4);
         if network_dim < 0 {
-            bail!("--network_dim={network_dim}: the rank must be positive");
+            bail!("--network_dim={network_dim}: the rank must be a positive integer (e.g. --network_dim=4)");
         }
         let mut o = LoraOptions {
             network_dim,
-            network_alpha: match network_alpha {
-                None => Alpha::int(1),
-                Some(a) => Alpha::float(a),
-            },
+            network_alpha: network_alpha.unwrap_or(Alpha::int(1)),
             dropout: network_dropout,
             apply_text_encoder: !network_train_unet_only,
             apply_unet: !network_train_text_encoder_only,
@@ -168,6 +167,17 @@ impl LoraOptions {
         }
         if o.conv_dim.is_some() && o.conv_alpha.is_none() {
             o.conv_alpha = Some(Alpha::float(1.0));
+        }
+        if let Some(d) = o.conv_dim.filter(|&d| d < 0) {
+            bail!("--network_args conv_dim={d}: the rank must be a positive integer");
+        }
+        // sd-scripts skips every layer whose rank is 0: rank 0 with conv_dim trains the 3x3 convs
+        // only; without it there is no module at all and its optimizer stops on an empty list.
+        if network_dim == 0 && o.conv_dim.unwrap_or(0) == 0 {
+            bail!(
+                "--network_dim=0: a rank of 0 creates no LoRA module (sd-scripts skips rank-0 layers), and \
+                 no --network_args conv_dim=… gives the 3x3 convs one: nothing to train. Use e.g. --network_dim=4"
+            );
         }
         Ok(o)
     }

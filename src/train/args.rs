@@ -933,9 +933,17 @@ impl TrainArgs {
             .and_then(|v| v.first().copied())
     }
 
-    /// True when `--network_alpha` is argparse's int default 1 (the saved alpha is then int64).
-    pub fn network_alpha_is_int(&self) -> bool {
-        matches!(self.raw.get("network_alpha"), Some(Value::Int(_)))
+    /// `--network_alpha` with its Python type, None when it is argparse's default (the int 1).
+    /// sd-scripts stores `torch.tensor(alpha)`: a value from the command line is a float (float32
+    /// alpha, "1.0" in the metadata, even for `--network_alpha=1`); an integer from a
+    /// `--config_file` TOML stays an int (int64 alpha).
+    pub fn network_alpha_given(&self) -> Option<crate::lora::Alpha> {
+        match self.raw.get("network_alpha") {
+            None | Some(Value::None) => None,
+            Some(Value::Int(1)) if !self.explicit.contains("network_alpha") => None,
+            Some(Value::Int(i)) => Some(crate::lora::Alpha::int(*i)),
+            _ => Some(crate::lora::Alpha::float(self.network_alpha)),
+        }
     }
 
     /// `--network_args` as (key, value) string pairs, split at the first "=" (LoRA semantics).

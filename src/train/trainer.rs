@@ -484,6 +484,61 @@ impl crate::data::loader::SeedSource for ThrowawaySeeds {
     }
 }
 
+/// Learning rates sd-scripts' run would stop on, refused before the dataset and the models load.
+/// torch's AdamW/SGD and bitsandbytes refuse a negative `lr` ("Invalid learning rate"),
+/// lion-pytorch asserts `lr > 0`; Adafactor takes any (with relative_step it ignores them). When
+/// every trained part gets 0, sd-scripts drops all groups ("NO LR skipping!") and the optimizer
+/// stops on an empty parameter list. A negative `--unet_lr`/`--text_encoder_lr` would train
+/// backwards in sd-scripts (torch checks only the default lr); sdlora refuses it as well.
+fn check_learning_rates(a: &TrainArgs, kind: OptimizerKind, o: &LoraOptions) -> Result<()> {
+    let show = crate::train::args::py_float_repr;
+    let te: Vec<f64> = a.text_encoder_lr.clone().unwrap_or_default();
+    let named = std::iter::once(("--learning_rate", a.learning_rate))
+        .chain(a.unet_lr.map(|v| ("--unet_lr", v)))
+        .chain(te.iter().map(|&v| ("--text_encoder_lr", v)));
+    for (flag, v) in named {
+        if !v.is_finite() {
+            bail!(
+                "{flag}={}: a learning rate must be a finite number",
+                show(v)
+            );
+        }
+        if v < 0.0 && kind != OptimizerKind::Adafactor {
+            bail!(
+                "{flag}={}: a learning rate must not be negative (sd-scripts' optimizer refuses it: \
+                 \"Invalid learning rate\"); e.g. {flag}=1e-4",
+                show(v)
+            );
+        }
+    }
+    if kind == OptimizerKind::Lion && a.learning_rate <= 0.0 {
+        bail!(
+            "--learning_rate={}: Lion needs a learning rate > 0 (lion-pytorch asserts it), also when \
+             --unet_lr/--text_encoder_lr are given",
+            show(a.learning_rate)
+        );
+    }
+    let te_lr = a.text_encoder_lr_single().unwrap_or(a.learning_rate);
+    let unet_lr = a.unet_lr.unwrap_or(a.learning_rate);
+    let trains_te = o.apply_text_encoder && te_lr != 0.0;
+    let trains_unet = o.apply_unet && unet_lr != 0.0;
+    if !trains_te && !trains_unet {
+        bail!(
+            "nothing to train: the learning rate of every LoRA part is 0 (--learning_rate={}{}{}); \
+             sd-scripts skips such groups and then stops on an empty parameter list. Give \
+             --learning_rate (e.g. 1e-4) or --unet_lr/--text_encoder_lr > 0",
+            show(a.learning_rate),
+            a.unet_lr
+                .map(|v| format!(", --unet_lr={}", show(v)))
+                .unwrap_or_default(),
+            a.text_encoder_lr_single()
+                .map(|v| format!(", --text_encoder_lr={}", show(v)))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
 /// Entry point: a parsed and verified argument set → a trained LoRA. Returns the exit code.
 /// Runs `sdlora train`. `verify_warnings`: what [`TrainArgs::verify`] printed (sd-scripts logs
 /// those before seeding; they matter to the Python RNG through rich's link cache, see data::log).
@@ -509,17 +564,14 @@ pub fn train(a: &TrainArgs, verify_warnings: &[String]) -> Result<i32> {
     let lora_opts = LoraOptions::from_args(
         a.network_module.as_deref(),
         a.network_dim,
-        if a.is_set("network_alpha") {
-            Some(a.network_alpha)
-        } else {
-            None
-        },
+        a.network_alpha_given(),
         a.network_dropout,
         a.network_args.as_deref().unwrap_or(&[]),
         a.network_train_unet_only,
         a.network_train_text_encoder_only,
     )?;
     let opt_kind = resolve_kind(&a.optimizer_type, a.use_8bit_adam, a.use_lion_optimizer)?;
+    check_learning_rates(a, opt_kind, &lora_opts)?;
 
     let device = if tch::Cuda::is_available() {
         Device::Cuda(0)
@@ -549,10 +601,8 @@ pub fn train(a: &TrainArgs, verify_warnings: &[String]) -> Result<i32> {
         "Using v1 tokenizer"
     });
     let dargs = data_args(a, seed)?;
+    // (an empty group is refused inside, naming the subsets that were left out)
     let mut group: DatasetGroup = build_dataset_group_with_log(&dargs, data_log, true)?;
-    if group.is_empty() {
-        bail!("No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、画像があるフォルダの親フォルダを指定する必要があります）");
-    }
     let tokenizer = ClipTokenizer::for_v2(a.v2);
 
     // --- models (§2.5): frozen weights in the weight dtype, built on the target device
@@ -1179,11 +1229,7 @@ fn training_facts(
         lr_scheduler: lr_scheduler.to_string(),
         network_module: a.network_module.clone().unwrap_or_default(),
         network_dim: a.network_dim,
-        network_alpha: if a.is_set("network_alpha") {
-            Some(a.network_alpha)
-        } else {
-            None
-        },
+        network_alpha: a.network_alpha_given(),
         network_dropout: a.network_dropout,
         mixed_precision: a.mixed_precision.clone(),
         full_fp16: a.full_fp16,
