@@ -456,7 +456,9 @@ def emit(out, cfg, models, seed, fp16, ema, ckpt, old_clip_keys, diffusers_folde
     save_file(sd, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
     if ckpt:
-        torch.save({"state_dict": sd, "global_step": 0}, os.path.join(out, "model.ckpt"))
+        # head counts as top-level strings: sdlora reads those as a .ckpt's metadata
+        heads = {k: v for k, v in meta.items() if k in (META_UNET_HEADS, META_CLIP_HEADS)}
+        torch.save({"state_dict": sd, "global_step": 0, **heads}, os.path.join(out, "model.ckpt"))
     del sd
     if diffusers_folder:
         write_diffusers(os.path.join(out, "diffusers"), unet, text_encoder, vae, fp16)

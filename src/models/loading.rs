@@ -8,8 +8,9 @@
 //! - a Diffusers folder (`unet/`, `text_encoder/`, `vae/`, each `config.json` + safetensors,
 //!   plain or `fp16` variant, single or sharded).
 //!
-//! Python pickles (`.ckpt`, `.bin`) cannot be read by libtorch from C++ (they hold arbitrary
-//! Python objects), so they get an error saying how to convert them.
+//! PyTorch pickles (`.ckpt`, `.pt`, `.pth`, `.bin` written by `torch.save`) are read by
+//! [`super::ckpt`] without running any of their code: the tensors of `state_dict` (or of the
+//! top-level dict), strided views of storages in the same memory-mapped file.
 //!
 //! Single files are memory-mapped and each tensor is created from the mapped bytes, converted to
 //! the requested dtype and device, after which its pages are dropped from the mapping: peak
@@ -17,7 +18,7 @@
 use super::config::{BlockKind, ClipActivation, ClipTextConfig, SdVersion, UNetConfig, VaeConfig};
 use super::weights::WeightMap;
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -131,27 +132,45 @@ fn check_v2_flag(path: &Path, version: SdVersion, v2: Option<bool>) -> Result<()
 // ---------------------------------------------------------------------------------------------
 // Memory-mapped safetensors.
 
-/// A memory-mapped `.safetensors` file whose tensors are read one at a time in file order.
+/// A memory-mapped checkpoint file (`.safetensors`, or a `torch.save` zip) whose tensors are
+/// read one at a time in file order.
 pub struct MappedSafetensors {
     path: PathBuf,
     mmap: memmap2::Mmap,
-    /// Start of the data section in the file.
-    data_start: usize,
-    /// (name, info) sorted by data offset, so reading streams through the file once.
-    tensors: Vec<(String, TensorInfo)>,
+    /// (name, entry) sorted by file offset, so reading streams through the file once.
+    tensors: Vec<(String, Entry)>,
     metadata: HashMap<String, String>,
 }
 
-fn pickle_error(path: &Path) -> anyhow::Error {
-    let p = path.display();
-    anyhow!(
-        "{p}: this is a PyTorch pickle (.ckpt/.bin/.pt), which sdlora cannot read (libtorch has no \
-         Python unpickler). Convert it to .safetensors once, e.g.\n  python -c \"import torch, \
-         safetensors.torch as st; sd = torch.load('{p}', map_location='cpu', weights_only=False); \
-         sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous().clone() for k, v in \
-         sd.items() if isinstance(v, torch.Tensor)}}, '{p}.safetensors')\"\nthen pass the \
-         .safetensors file (only convert files you trust: unpickling runs code)."
-    )
+/// Where one tensor's data lies in the mapped file.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+    /// Byte range of the data (the tensor itself, or the whole storage of a strided view).
+    start: usize,
+    end: usize,
+    /// A strided view of the storage in `start..end`: (stride, offset), in elements.
+    view: Option<(Vec<i64>, i64)>,
+}
+
+fn safetensors_kind(path: &Path, name: &str, d: Dtype) -> Result<Kind> {
+    Ok(match d {
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!(
+            "{}: tensor `{name}` has dtype {other:?}, which sdlora cannot load",
+            path.display()
+        ),
+    })
 }
 
 impl MappedSafetensors {
@@ -162,34 +181,82 @@ impl MappedSafetensors {
         // would fault, which is the same risk every mmap-based safetensors reader accepts.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("memory-mapping {}", path.display()))?;
+        if super::ckpt::looks_like_torch_save(&mmap) {
+            return Self::open_torch_save(path, mmap);
+        }
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            // torch.save writes a zip archive (new format) or a bare pickle (protocol 2–5).
-            let head = &mmap[..mmap.len().min(2)];
-            if mmap.starts_with(b"PK\x03\x04")
-                || (head.len() == 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
-            {
-                pickle_error(path)
-            } else {
-                anyhow!(
-                    "{}: not a valid .safetensors file ({e:?}); the file may be truncated or of \
-                     another format",
-                    path.display()
-                )
-            }
+            anyhow!(
+                "{}: not a valid .safetensors file ({e:?}); the file may be truncated or of \
+                 another format",
+                path.display()
+            )
         })?;
-        let mut tensors: Vec<(String, TensorInfo)> = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
-        tensors.sort_by_key(|(_, i)| i.data_offsets.0);
+        let data_start = 8 + n;
+        let mut tensors = Vec::new();
+        for (name, info) in meta.tensors() {
+            let (a, b) = info.data_offsets;
+            tensors.push((
+                name.clone(),
+                Entry {
+                    kind: safetensors_kind(path, &name, info.dtype)?,
+                    shape: info.shape.iter().map(|&d| d as i64).collect(),
+                    start: data_start + a,
+                    end: data_start + b,
+                    view: None,
+                },
+            ));
+        }
+        tensors.sort_by_key(|(_, e)| e.start);
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(MappedSafetensors {
             path: path.to_path_buf(),
             mmap,
-            data_start: 8 + n,
             tensors,
             metadata,
+        })
+    }
+
+    /// A `torch.save` checkpoint: its state dict through the restricted unpickler.
+    fn open_torch_save(path: &Path, mmap: memmap2::Mmap) -> Result<Self> {
+        let (list, extras) = super::ckpt::read_state_dict(path, &mmap)?;
+        if !extras.opaque.is_empty() {
+            eprintln!(
+                "note: {}: objects of classes sdlora does not load were skipped, never run: {}",
+                path.display(),
+                extras.opaque.join(", ")
+            );
+        }
+        let mut tensors: Vec<(String, Entry)> = list
+            .into_iter()
+            .map(|t| {
+                let e = super::ckpt::elem_size(t.kind);
+                let entry = if t.is_contiguous() {
+                    let start = t.storage.0 + t.storage_offset as usize * e;
+                    Entry {
+                        kind: t.kind,
+                        start,
+                        end: start + t.numel() as usize * e,
+                        shape: t.shape,
+                        view: None,
+                    }
+                } else {
+                    Entry {
+                        kind: t.kind,
+                        start: t.storage.0,
+                        end: t.storage.1,
+                        shape: t.shape,
+                        view: Some((t.stride, t.storage_offset)),
+                    }
+                };
+                (t.name, entry)
+            })
+            .collect();
+        tensors.sort_by_key(|(_, e)| e.start);
+        Ok(MappedSafetensors {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+            metadata: extras.metadata,
         })
     }
 
@@ -201,12 +268,20 @@ impl MappedSafetensors {
         self.tensors.iter().map(|(n, _)| n.as_str())
     }
 
-    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+    pub fn info(&self, name: &str) -> Option<&Entry> {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, i)| i)
     }
 
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
+    }
+
+    /// One tensor, on the CPU in its stored dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .info(name)
+            .with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
+        self.read(name, info, info.kind, Device::Cpu)
     }
 
     /// Every tensor in file order, created on `device` with floating-point tensors converted to
@@ -228,34 +303,25 @@ impl MappedSafetensors {
         Ok(())
     }
 
-    fn read(&self, name: &str, info: &TensorInfo, kind: Kind, device: Device) -> Result<Tensor> {
-        let src_kind = match info.dtype {
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::F32 => Kind::Float,
-            Dtype::F64 => Kind::Double,
-            Dtype::I64 => Kind::Int64,
-            Dtype::I32 => Kind::Int,
-            Dtype::I16 => Kind::Int16,
-            Dtype::I8 => Kind::Int8,
-            Dtype::U8 => Kind::Uint8,
-            Dtype::BOOL => Kind::Bool,
-            other => bail!(
-                "{}: tensor `{name}` has dtype {other:?}, which sdlora cannot load",
-                self.path.display()
-            ),
-        };
-        let (a, b) = info.data_offsets;
-        let (start, end) = (self.data_start + a, self.data_start + b);
+    fn read(&self, name: &str, info: &Entry, kind: Kind, device: Device) -> Result<Tensor> {
+        let src_kind = info.kind;
+        let (start, end) = (info.start, info.end);
         if end > self.mmap.len() || start > end {
             bail!(
                 "{}: tensor `{name}` lies outside the file (truncated download?)",
                 self.path.display()
             );
         }
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(&self.mmap[start..end], &shape, src_kind)
-            .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))?;
+        let t = match &info.view {
+            None => Tensor::f_from_data_size(&self.mmap[start..end], &info.shape, src_kind),
+            Some((stride, offset)) => {
+                let n = ((end - start) / super::ckpt::elem_size(src_kind)) as i64;
+                Tensor::f_from_data_size(&self.mmap[start..end], &[n], src_kind)
+                    .and_then(|s| s.f_as_strided(&info.shape, stride, Some(*offset)))
+                    .and_then(|v| v.f_contiguous())
+            }
+        }
+        .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))?;
         self.release(start, end);
         let t = if t.is_floating_point() && src_kind != kind {
             t.to_kind(kind)
@@ -843,7 +909,7 @@ fn shape_of(st: &MappedSafetensors, key: &str) -> Result<Vec<i64>> {
             st.path().display()
         )
     })?;
-    Ok(info.shape.iter().map(|&d| d as i64).collect())
+    Ok(info.shape.clone())
 }
 
 fn dim(st: &MappedSafetensors, key: &str, d: usize) -> Result<i64> {
@@ -1123,13 +1189,6 @@ pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(VaeConfig, W
         validate(&map, &vae_shapes(&config), "VAE", "Diffusers names")?;
         return Ok((config, map));
     }
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
-        return Err(pickle_error(path));
-    }
     let st = MappedSafetensors::open(path)?;
     let names: Vec<&str> = st.names().collect();
     let diffusers = names.iter().any(|k| k.starts_with("encoder.down_blocks."));
@@ -1243,13 +1302,6 @@ fn unsupported_model_error(path: &Path, names: &[&str]) -> Option<anyhow::Error>
 }
 
 fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<LoadedCheckpoint> {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
-        return Err(pickle_error(path));
-    }
     let st = MappedSafetensors::open(path)?;
     let source = path.display().to_string();
     let names: Vec<&str> = st.names().collect();
@@ -1470,7 +1522,7 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     }
     let bins = ["pytorch_model.bin", "diffusion_pytorch_model.bin"];
     if let Some(b) = bins.iter().map(|b| dir.join(b)).find(|p| p.is_file()) {
-        return Err(pickle_error(&b));
+        return Ok(vec![b]);
     }
     bail!(
         "{}: no {stem}.safetensors (or .fp16.safetensors / sharded index) in this Diffusers \

@@ -2,6 +2,7 @@
 //! backends and checkpoint loading. Parameter paths mirror the Diffusers module tree, so loading
 //! and LoRA naming are rename tables.
 pub mod attention;
+pub mod ckpt;
 pub mod clip;
 pub mod config;
 pub mod layers;
