@@ -87,6 +87,20 @@ fn tensors_equal_torch_load_in_a_real_world_layout() {
     check_equal_to_torch_load("plain.pt", "plain");
 }
 
+/// A LoRA saved as a pickle (sd-scripts' `--save_model_as pt`) reads like a safetensors one.
+#[test]
+fn lora_pickle_loads() {
+    let f = sdlora::lora::file::LoraFile::load(&fixtures().join("lora.pt")).unwrap();
+    let want = expected("lora");
+    assert_eq!(f.tensors.len(), want.len());
+    for (n, w) in &want {
+        let got = &f.tensors[n];
+        assert_eq!(got.kind(), w.kind(), "{n}");
+        assert!(got.equal(w), "{n}");
+    }
+    assert_eq!(f.modules.len(), 2);
+}
+
 #[test]
 fn hostile_pickles_run_nothing_and_name_the_global() {
     for (file, global) in [

@@ -793,10 +793,17 @@ fn dataloader_worker_model_matches_torch() {
 #[test]
 fn worker_count_follows_python_cpu_count_under_affinity() {
     let h = std::thread::spawn(|| {
-        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; pid 0 = this thread.
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_ISSET/CPU_SET stay inside it; pid 0 = this
+        // thread. Pin to the first CPU this thread may use (CPU 0 may be outside a cpuset).
         unsafe {
+            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut allowed), 0);
+            let first = (0..libc::CPU_SETSIZE as usize)
+                .find(|&c| libc::CPU_ISSET(c, &allowed))
+                .expect("an allowed CPU");
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
+            libc::CPU_SET(first, &mut set);
             assert_eq!(
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
                 0,

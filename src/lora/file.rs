@@ -261,17 +261,21 @@ impl LoraFile {
     /// the key and, where recognisable, the format (LoHa, LoKr, DoRA, diffusers/PEFT).
     pub fn load(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let ext = path
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
-        if ext != "safetensors" {
-            bail!(
-                "{shown}: only .safetensors LoRA files can be read (ckpt/pt pickles are not supported; \
-                 convert with safetensors first)"
-            );
-        }
         let data = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
+        if crate::models::ckpt::looks_like_torch_save(&data) {
+            // a LoRA saved with --save_model_as ckpt/pt: sd-scripts torch.loads it; sdlora reads
+            // it without running pickle code
+            drop(data);
+            let st = crate::models::loading::MappedSafetensors::open(path)?;
+            let names: Vec<String> = st.names().map(String::from).collect();
+            let mut tensors = BTreeMap::new();
+            for n in names {
+                let t = st.tensor(&n)?;
+                tensors.insert(n, t);
+            }
+            let metadata = st.metadata().clone().into_iter().collect();
+            return Self::from_tensors(shown, tensors, metadata);
+        }
         let st = SafeTensors::deserialize(&data)
             .map_err(|e| anyhow!("{shown} is not a valid safetensors file: {e:?}"))?;
         let (_, header) = SafeTensors::read_metadata(&data)

@@ -99,6 +99,16 @@ def main():
     torch.save(plain, os.path.join(a.out, "plain.pt"))
     expect(a.out, "plain", torch.load(os.path.join(a.out, "plain.pt")))
 
+    # a LoRA as sd-scripts' save_weights writes it for --save_model_as pt/ckpt: torch.save(state_dict)
+    lora = collections.OrderedDict()
+    for m, (i, o) in {"lora_unet_down_blocks_0_attentions_0_proj_in": (32, 32),
+                      "lora_te_text_model_encoder_layers_0_mlp_fc1": (32, 64)}.items():
+        lora[m + ".alpha"] = torch.tensor(1)
+        lora[m + ".lora_down.weight"] = torch.randn(4, i, generator=g)
+        lora[m + ".lora_up.weight"] = torch.randn(o, 4, generator=g).half()
+    torch.save(lora, os.path.join(a.out, "lora.pt"))
+    expect(a.out, "lora", torch.load(os.path.join(a.out, "lora.pt")))
+
     marker = os.path.join(a.out, "PWNED")
     for name, fn, arg in [("system", os.system, f"touch {marker}"),
                           ("eval", eval, f"open({marker!r}, 'w')"),
