@@ -430,9 +430,25 @@ fn foreign_files_and_bad_flags_give_clear_errors() {
         e.contains("size mismatch") && e.contains("lora_down.weight"),
         "{e}"
     );
-    // ckpt/pt refused clearly.
+    // ckpt/pt are written as torch.save does (no metadata) and read back; other names refused.
+    for ext in ["ckpt", "pt"] {
+        let p = dir.join(format!("x.{ext}"));
+        let meta = net.save(&p, None, &BTreeMap::new()).unwrap();
+        assert!(
+            meta.is_empty(),
+            "sd-scripts writes no metadata or hashes into {ext}"
+        );
+        let back = LoraFile::load(&p).unwrap();
+        let sd = net.state_dict();
+        assert_eq!(back.tensors.len(), sd.len());
+        for (k, t) in &sd {
+            let b = &back.tensors[k];
+            assert_eq!(b.kind(), t.kind(), "{k}");
+            assert!(b.equal(&t.to_device(tch::Device::Cpu)), "{k}");
+        }
+    }
     let e = net
-        .save(&dir.join("x.ckpt"), None, &BTreeMap::new())
+        .save(&dir.join("x.txt"), None, &BTreeMap::new())
         .unwrap_err();
     assert!(e.to_string().contains("safetensors"), "{e}");
 }

@@ -355,6 +355,46 @@ fn bad_inputs_are_named_before_models_load() {
     );
 }
 
+/// `--save_model_as=ckpt`: the same LoRA as the safetensors run, in a file that
+/// `torch.load(weights_only=True)` reads (as sd-scripts' torch.save writes it: no metadata).
+#[test]
+fn save_model_as_ckpt_is_readable_by_torch_load() {
+    let run = |fmt: &str| -> PathBuf {
+        let out = out_dir(&format!("save-as-{fmt}"));
+        let mut args = tutorial_args(&out);
+        args.retain(|a| !a.starts_with("--max_train_epochs") && !a.starts_with("--save_model_as"));
+        args.extend([
+            "--max_train_steps=2".into(),
+            format!("--save_model_as={fmt}"),
+        ]);
+        let o = sdlora(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        no_temp_files(&out);
+        out.join(format!("zunko.{fmt}"))
+    };
+    let st = run("safetensors");
+    let ck = run("ckpt");
+    let via_torch = ck.with_extension("torch.safetensors");
+    let ok = Command::new(python())
+        .args([
+            "-c",
+            "import sys, torch; from safetensors.torch import save_file; \
+             sd = torch.load(sys.argv[1], weights_only=True); \
+             assert type(sd).__name__ == 'OrderedDict', type(sd); \
+             save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])",
+        ])
+        .arg(&ck)
+        .arg(&via_torch)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "torch.load(weights_only=True) failed on {}",
+        ck.display()
+    );
+    assert_same_tensors(&st, &via_torch);
+}
+
 #[test]
 fn sigint_leaves_whole_files_and_a_resumable_state() {
     let out = out_dir("sigint");

@@ -196,12 +196,18 @@ pub fn save_with_hashes(
         .extension()
         .map(|e| e.to_string_lossy().to_lowercase())
         .unwrap_or_default();
-    if ext != "safetensors" {
-        bail!(
-            "cannot save {}: sdlora writes LoRA files only as .safetensors (--save_model_as=safetensors); \
-             ckpt/pt pickles carry no metadata and are not supported",
+    match ext.as_str() {
+        "safetensors" => {}
+        // sd-scripts' save_weights: torch.save(state_dict), no metadata and no hashes
+        "ckpt" | "pt" => {
+            crate::models::ckpt::write_state_dict(path, tensors)
+                .with_context(|| format!("writing LoRA file {}", path.display()))?;
+            return Ok(BTreeMap::new());
+        }
+        _ => bail!(
+            "cannot save {}: LoRA files are written as .safetensors, .ckpt or .pt",
             path.display()
-        );
+        ),
     }
     let ss_only: BTreeMap<String, String> = metadata
         .iter()

@@ -224,15 +224,11 @@ pub struct LoraNetwork {
     pub from_weights: bool,
 }
 
-/// `--save_model_as`: sdlora writes safetensors only; ckpt/pt are refused before training starts.
+/// `--save_model_as`: safetensors (with metadata and hashes), or ckpt/pt, which sd-scripts writes
+/// as `torch.save(state_dict)` without metadata; checked before training starts.
 pub fn check_save_model_as(save_model_as: &str) -> Result<()> {
     match save_model_as {
-        "safetensors" => Ok(()),
-        "ckpt" | "pt" => bail!(
-            "--save_model_as={save_model_as} is not supported: sdlora writes LoRA files as safetensors only \
-             (a {save_model_as} pickle carries no metadata or hashes and is not loadable without Python); \
-             use --save_model_as=safetensors"
-        ),
+        "safetensors" | "ckpt" | "pt" => Ok(()),
         v => bail!("--save_model_as={v}: invalid choice (choose from ckpt, pt, safetensors)"),
     }
 }

@@ -1072,3 +1072,139 @@ fn long_value(b: &[u8]) -> V {
     buf[..b.len()].copy_from_slice(b);
     V::Int(i64::from_le_bytes(buf))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writing: what `torch.save(state_dict, path)` writes for a dict of dense CPU tensors.
+
+/// `torch.save(OrderedDict(tensors), path)` in torch's zip format (pickle protocol 2, one
+/// uncompressed 64-byte-aligned `data/<i>` entry per tensor), written atomically. Readable by
+/// `torch.load(..., weights_only=True)`: it names only `collections.OrderedDict`,
+/// `torch._utils._rebuild_tensor_v2` and `torch.*Storage`.
+pub fn write_state_dict(path: &Path, tensors: &[(String, tch::Tensor)]) -> Result<()> {
+    use std::io::Write;
+    let archive = path
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy().replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-',
+                "_",
+            )
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "archive".into());
+    let mut pkl = PickleWriter::default();
+    pkl.bytes(&[0x80, 2]); // PROTO 2
+    pkl.global("collections", "OrderedDict");
+    pkl.bytes(b")R("); // () REDUCE, MARK
+    let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let storage = match t.kind() {
+            Kind::Float => "FloatStorage",
+            Kind::Half => "HalfStorage",
+            Kind::BFloat16 => "BFloat16Storage",
+            Kind::Double => "DoubleStorage",
+            Kind::Int64 => "LongStorage",
+            Kind::Int => "IntStorage",
+            Kind::Int16 => "ShortStorage",
+            Kind::Int8 => "CharStorage",
+            Kind::Uint8 => "ByteStorage",
+            Kind::Bool => "BoolStorage",
+            k => bail!(
+                "{}: tensor `{name}` has dtype {k:?}, which cannot be written",
+                path.display()
+            ),
+        };
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * elem_size(t.kind())];
+        if numel > 0 {
+            t.f_copy_data_u8(&mut data, numel)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+        }
+        blobs.push(data);
+        let shape = t.size();
+        let mut stride = vec![1i64; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1].max(1);
+        }
+        pkl.str(name);
+        pkl.global("torch._utils", "_rebuild_tensor_v2");
+        pkl.bytes(b"((");
+        pkl.str("storage");
+        pkl.global("torch", storage);
+        pkl.str(&i.to_string());
+        pkl.str("cpu");
+        pkl.int(numel as i64);
+        pkl.bytes(b"tQ"); // the persistent id tuple, BINPERSID
+        pkl.int(0); // storage offset
+        pkl.ints(&shape);
+        pkl.ints(&stride);
+        pkl.bytes(&[0x89]); // requires_grad False
+        pkl.global("collections", "OrderedDict");
+        pkl.bytes(b")R"); // backward hooks
+        pkl.bytes(b"tR"); // the arguments tuple, REDUCE
+    }
+    pkl.bytes(b"u."); // SETITEMS, STOP
+
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let opts = zip::write::FileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(blobs.iter().any(|b| b.len() as u64 >= 0xffff_ffff));
+    let mut entry = |name: String, bytes: &[u8]| -> Result<()> {
+        zip.start_file_aligned(name, opts, 64)
+            .map_err(|e| anyhow!("{}: zip: {e}", path.display()))?;
+        zip.write_all(bytes)?;
+        Ok(())
+    };
+    entry(format!("{archive}/data.pkl"), &pkl.0)?;
+    entry(format!("{archive}/byteorder"), b"little")?;
+    for (i, b) in blobs.iter().enumerate() {
+        entry(format!("{archive}/data/{i}"), b)?;
+    }
+    entry(format!("{archive}/version"), b"3\n")?;
+    let buf = zip
+        .finish()
+        .map_err(|e| anyhow!("{}: zip: {e}", path.display()))?
+        .into_inner();
+    crate::io::write_bytes_atomic(path, &buf)
+}
+
+#[derive(Default)]
+struct PickleWriter(Vec<u8>);
+
+impl PickleWriter {
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn global(&mut self, module: &str, name: &str) {
+        self.0.push(b'c');
+        self.bytes(module.as_bytes());
+        self.0.push(b'\n');
+        self.bytes(name.as_bytes());
+        self.0.push(b'\n');
+    }
+    fn str(&mut self, s: &str) {
+        self.0.push(b'X');
+        self.bytes(&(s.len() as u32).to_le_bytes());
+        self.bytes(s.as_bytes());
+    }
+    fn int(&mut self, v: i64) {
+        match i32::try_from(v) {
+            Ok(x) => {
+                self.0.push(b'J');
+                self.bytes(&x.to_le_bytes());
+            }
+            Err(_) => {
+                self.bytes(&[0x8a, 8]);
+                self.bytes(&v.to_le_bytes());
+            }
+        }
+    }
+    fn ints(&mut self, v: &[i64]) {
+        self.0.push(b'(');
+        for &x in v {
+            self.int(x);
+        }
+        self.0.push(b't');
+    }
+}
