@@ -60,19 +60,8 @@ pub(crate) fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
 }
 
 pub(crate) fn dtype_to_kind(d: Dtype) -> Result<Kind> {
-    Ok(match d {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        d => bail!("safetensors dtype {d:?} is not supported"),
-    })
+    crate::models::loading::kind_of_dtype(d)
+        .ok_or_else(|| anyhow!("safetensors dtype {d:?} is not supported"))
 }
 
 /// The dtype name as safetensors writes it in the header (F32, F16, BF16, I64, …).

@@ -154,8 +154,9 @@ pub struct Entry {
     view: Option<(Vec<i64>, i64)>,
 }
 
-fn safetensors_kind(path: &Path, name: &str, d: Dtype) -> Result<Kind> {
-    Ok(match d {
+/// The libtorch kind of a safetensors dtype (None for dtypes sdlora does not load).
+pub fn kind_of_dtype(d: Dtype) -> Option<Kind> {
+    Some(match d {
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F32 => Kind::Float,
@@ -166,10 +167,16 @@ fn safetensors_kind(path: &Path, name: &str, d: Dtype) -> Result<Kind> {
         Dtype::I8 => Kind::Int8,
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
-        other => bail!(
-            "{}: tensor `{name}` has dtype {other:?}, which sdlora cannot load",
+        _ => return None,
+    })
+}
+
+fn safetensors_kind(path: &Path, name: &str, d: Dtype) -> Result<Kind> {
+    kind_of_dtype(d).with_context(|| {
+        format!(
+            "{}: tensor `{name}` has dtype {d:?}, which sdlora cannot load",
             path.display()
-        ),
+        )
     })
 }
 
