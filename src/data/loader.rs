@@ -246,7 +246,6 @@ pub struct Loader {
     /// `current_step` as the trainer publishes it (token warmup reads it at fetch time).
     pub current_step: i64,
     pub max_train_steps: i64,
-    pub cpu_count: usize,
 }
 
 /// `min(max_data_loader_n_workers, os.cpu_count())`: how many DataLoader workers sd-scripts
@@ -300,7 +299,6 @@ impl Loader {
             prefetch: (2 * threads).max(2),
             current_step: 0,
             max_train_steps: 1600,
-            cpu_count: python_cpu_count(),
         }
     }
 

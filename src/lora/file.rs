@@ -256,11 +256,16 @@ impl LoraFile {
     /// the key and, where recognisable, the format (LoHa, LoKr, DoRA, diffusers/PEFT).
     pub fn load(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let data = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
-        if crate::models::ckpt::looks_like_torch_save(&data) {
+        let mut head = [0u8; 4];
+        let n = {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).with_context(|| format!("reading {shown}"))?;
+            f.read(&mut head)
+                .with_context(|| format!("reading {shown}"))?
+        };
+        if crate::models::ckpt::looks_like_torch_save(&head[..n]) {
             // a LoRA saved with --save_model_as ckpt/pt: sd-scripts torch.loads it; sdlora reads
             // it without running pickle code
-            drop(data);
             let st = crate::models::loading::MappedSafetensors::open(path)?;
             let names: Vec<String> = st.names().map(String::from).collect();
             let mut tensors = BTreeMap::new();
@@ -271,6 +276,7 @@ impl LoraFile {
             let metadata = st.metadata().clone().into_iter().collect();
             return Self::from_tensors(shown, tensors, metadata);
         }
+        let data = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
         let st = SafeTensors::deserialize(&data)
             .map_err(|e| anyhow!("{shown} is not a valid safetensors file: {e:?}"))?;
         let (_, header) = SafeTensors::read_metadata(&data)

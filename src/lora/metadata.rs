@@ -448,11 +448,9 @@ impl TrainingFacts {
         put("ss_network_dim", opt_i(&self.network_dim));
         put(
             "ss_network_alpha",
-            match self.network_alpha {
-                None => "1".into(),
-                Some(a) if a.kind == tch::Kind::Int64 => (a.value as i64).to_string(),
-                Some(a) => py_float(a.value),
-            },
+            self.network_alpha
+                .map(|a| a.py_str())
+                .unwrap_or_else(|| "1".into()),
         );
         put("ss_network_dropout", opt_f(&self.network_dropout));
         put("ss_mixed_precision", self.mixed_precision.clone());

@@ -62,6 +62,14 @@ impl Alpha {
             from_tensor: true,
         }
     }
+    /// `str(alpha)` as Python prints it: "1" for an int, "1.0" for a float.
+    pub fn py_str(&self) -> String {
+        match self.kind {
+            Kind::Int64 => (self.value as i64).to_string(),
+            _ => super::metadata::py_float(self.value),
+        }
+    }
+
     pub fn tensor(&self) -> Tensor {
         match self.kind {
             Kind::Int64 => Tensor::from(self.value as i64),

@@ -449,10 +449,6 @@ impl LoraNetwork {
     /// `apply_to`), for the trainer's console output.
     pub fn log_lines(&self) -> Vec<String> {
         let o = &self.opts;
-        let py = |a: &Alpha| match a.kind {
-            Kind::Int64 => format!("{}", a.value as i64),
-            _ => super::metadata::py_float(a.value),
-        };
         let p = |v: Option<f64>| {
             v.map(super::metadata::py_float)
                 .unwrap_or_else(|| "None".into())
@@ -464,7 +460,7 @@ impl LoraNetwork {
             l.push(format!(
                 "create LoRA network. base dim (rank): {}, alpha: {}",
                 o.network_dim,
-                py(&o.network_alpha)
+                o.network_alpha.py_str()
             ));
             l.push(format!(
                 "neuron dropout: p={}, rank dropout: p={}, module dropout: p={}",
@@ -475,7 +471,7 @@ impl LoraNetwork {
             if let (Some(d), Some(a)) = (o.conv_dim, &o.conv_alpha) {
                 l.push(format!(
                     "apply LoRA to Conv2d with kernel size (3,3). dim (rank): {d}, alpha: {}",
-                    py(a)
+                    a.py_str()
                 ));
             }
         }

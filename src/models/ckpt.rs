@@ -59,9 +59,6 @@ pub fn looks_like_torch_save(bytes: &[u8]) -> bool {
         || (bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]))
 }
 
-/// The state dict of a `torch.save` zip held in `bytes` (the whole file): the tensors of
-/// `checkpoint["state_dict"]` when the top-level dict has that key (as sd-scripts reads `.ckpt`
-/// files), else of the top-level dict; non-tensor entries are skipped.
 /// What [`read_state_dict`] found besides the tensors.
 #[derive(Debug, Default)]
 pub struct CkptExtras {
@@ -71,6 +68,9 @@ pub struct CkptExtras {
     pub metadata: HashMap<String, String>,
 }
 
+/// The state dict of a `torch.save` zip held in `bytes` (the whole file): the tensors of
+/// `checkpoint["state_dict"]` when the top-level dict has that key (as sd-scripts reads `.ckpt`
+/// files), else of the top-level dict; non-tensor entries are skipped.
 pub fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<(Vec<CkptTensor>, CkptExtras)> {
     let p = path.display();
     if !bytes.starts_with(b"PK\x03\x04") {
@@ -328,20 +328,29 @@ fn is_dangerous(module: &str, name: &str) -> bool {
         || module.starts_with("torch.serialization")
 }
 
+/// torch's legacy storage classes, which name a storage's dtype in a checkpoint's pickle.
+const STORAGES: &[(&str, Kind)] = &[
+    ("FloatStorage", Kind::Float),
+    ("HalfStorage", Kind::Half),
+    ("BFloat16Storage", Kind::BFloat16),
+    ("DoubleStorage", Kind::Double),
+    ("LongStorage", Kind::Int64),
+    ("IntStorage", Kind::Int),
+    ("ShortStorage", Kind::Int16),
+    ("CharStorage", Kind::Int8),
+    ("ByteStorage", Kind::Uint8),
+    ("BoolStorage", Kind::Bool),
+];
+
 fn storage_kind(name: &str) -> Option<Kind> {
-    Some(match name {
-        "FloatStorage" => Kind::Float,
-        "HalfStorage" => Kind::Half,
-        "BFloat16Storage" => Kind::BFloat16,
-        "DoubleStorage" => Kind::Double,
-        "LongStorage" => Kind::Int64,
-        "IntStorage" => Kind::Int,
-        "ShortStorage" => Kind::Int16,
-        "CharStorage" => Kind::Int8,
-        "ByteStorage" | "UntypedStorage" => Kind::Uint8,
-        "BoolStorage" => Kind::Bool,
-        _ => return None,
-    })
+    if name == "UntypedStorage" {
+        return Some(Kind::Uint8);
+    }
+    STORAGES.iter().find(|(n, _)| *n == name).map(|&(_, k)| k)
+}
+
+fn storage_class(kind: Kind) -> Option<&'static str> {
+    STORAGES.iter().find(|(_, k)| *k == kind).map(|&(n, _)| n)
 }
 
 fn dtype_kind(name: &str) -> Option<Kind> {
@@ -1099,21 +1108,12 @@ pub fn write_state_dict(path: &Path, tensors: &[(String, tch::Tensor)]) -> Resul
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
     for (i, (name, t)) in tensors.iter().enumerate() {
         let t = t.to_device(tch::Device::Cpu).contiguous();
-        let storage = match t.kind() {
-            Kind::Float => "FloatStorage",
-            Kind::Half => "HalfStorage",
-            Kind::BFloat16 => "BFloat16Storage",
-            Kind::Double => "DoubleStorage",
-            Kind::Int64 => "LongStorage",
-            Kind::Int => "IntStorage",
-            Kind::Int16 => "ShortStorage",
-            Kind::Int8 => "CharStorage",
-            Kind::Uint8 => "ByteStorage",
-            Kind::Bool => "BoolStorage",
-            k => bail!(
-                "{}: tensor `{name}` has dtype {k:?}, which cannot be written",
-                path.display()
-            ),
+        let Some(storage) = storage_class(t.kind()) else {
+            bail!(
+                "{}: tensor `{name}` has dtype {:?}, which cannot be written",
+                path.display(),
+                t.kind()
+            );
         };
         let numel = t.numel();
         let mut data = vec![0u8; numel * elem_size(t.kind())];

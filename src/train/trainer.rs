@@ -492,10 +492,14 @@ impl crate::data::loader::SeedSource for ThrowawaySeeds {
 /// backwards in sd-scripts (torch checks only the default lr); sdlora refuses it as well.
 fn check_learning_rates(a: &TrainArgs, kind: OptimizerKind, o: &LoraOptions) -> Result<()> {
     let show = crate::train::args::py_float_repr;
-    let te: Vec<f64> = a.text_encoder_lr.clone().unwrap_or_default();
     let named = std::iter::once(("--learning_rate", a.learning_rate))
         .chain(a.unet_lr.map(|v| ("--unet_lr", v)))
-        .chain(te.iter().map(|&v| ("--text_encoder_lr", v)));
+        .chain(
+            a.text_encoder_lr
+                .iter()
+                .flatten()
+                .map(|&v| ("--text_encoder_lr", v)),
+        );
     for (flag, v) in named {
         if !v.is_finite() {
             bail!(
