@@ -157,18 +157,22 @@ pub fn serialize(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
+    // Always a (possibly empty) metadata map, as Python's `safetensors.torch.save(t, {})` passes
+    // one: an empty map still writes `"__metadata__":{}`, which shifts the legacy hash window.
+    serialize_opt(tensors, Some(metadata))
+}
+
+/// [`serialize`], with `None` writing no `__metadata__` at all (`save_file(t, path, None)`).
+pub fn serialize_opt(
+    tensors: &[(String, Tensor)],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Bytes)> = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), Bytes::from_tensor(t).with_context(|| k.clone())?)))
         .collect::<Result<_>>()?;
-    // Always a (possibly empty) metadata map, as Python's `safetensors.torch.save(t, {})` passes
-    // one: an empty map still writes `"__metadata__":{}`, which shifts the legacy hash window.
-    let md: Option<HashMap<String, String>> = Some(
-        metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    );
+    let md: Option<HashMap<String, String>> =
+        metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     safetensors::serialize(bytes.iter().map(|(k, b)| (k.as_str(), b)), &md)
         .map_err(|e| anyhow!("serializing safetensors: {e:?}"))
 }

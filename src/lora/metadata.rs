@@ -616,81 +616,28 @@ impl TrainingFacts {
     /// The `modelspec.*` keys (`train_util.get_sai_model_spec(None, args, sdxl=False, lora=True,
     /// ti=False)`), stamped with `timestamp`.
     pub fn modelspec(&self, timestamp: f64) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        let mut put = |k: &str, v: String| {
-            m.insert(format!("modelspec.{k}"), v);
-        };
-        let arch = match (self.v2, self.v_parameterization) {
-            (false, _) => "stable-diffusion-v1",
-            (true, false) => "stable-diffusion-v2-512",
-            (true, true) => "stable-diffusion-v2-768-v",
-        };
-        put("architecture", format!("{arch}/lora"));
-        put("implementation", "diffusers".into());
-        let title = self
+        let mut spec =
+            crate::modelspec::ModelSpec::new(self.v2, self.v_parameterization, Some("lora"));
+        spec.title = self
             .metadata_title
             .clone()
-            .or_else(|| self.output_name.clone())
-            .unwrap_or_else(|| format!("LoRA@{}", py_float(timestamp)));
-        put("title", title);
-        let reso = self
-            .resolution
-            .unwrap_or(if self.v2 && self.v_parameterization {
-                (768, 768)
-            } else {
-                (512, 512)
-            });
-        put("resolution", format!("{}x{}", reso.0, reso.1));
-        put("sai_model_spec", "1.0.1".into());
-        if let Some(d) = &self.metadata_description {
-            put("description", d.clone());
-        }
-        if let Some(a) = &self.metadata_author {
-            put("author", a.clone());
-        }
-        put("date", local_iso_datetime(timestamp));
-        if let Some(l) = &self.metadata_license {
-            put("license", l.clone());
-        }
-        if let Some(t) = &self.metadata_tags {
-            put("tags", t.clone());
-        }
-        put(
-            "prediction_type",
-            if self.v_parameterization {
-                "v"
-            } else {
-                "epsilon"
-            }
-            .into(),
-        );
+            .or_else(|| self.output_name.clone());
+        spec.resolution = self.resolution;
+        spec.description = self.metadata_description.clone();
+        spec.author = self.metadata_author.clone();
+        spec.license = self.metadata_license.clone();
+        spec.tags = self.metadata_tags.clone();
         if self.min_timestep.is_some() || self.max_timestep.is_some() {
-            put(
-                "timestep_range",
-                format!(
-                    "{},{}",
-                    self.min_timestep.unwrap_or(0),
-                    self.max_timestep.unwrap_or(1000)
-                ),
-            );
+            spec.timestep_range = Some(format!(
+                "{},{}",
+                self.min_timestep.unwrap_or(0),
+                self.max_timestep.unwrap_or(1000)
+            ));
         }
-        if let Some(c) = self.clip_skip {
-            put("encoder_layer", c.to_string());
-        }
-        let mut has_impl_version = false;
-        for (k, v) in &self.metadata_extra {
-            if k == "implementation_version" {
-                has_impl_version = true;
-            }
-            put(k, v.clone());
-        }
-        if !has_impl_version {
-            put(
-                "implementation_version",
-                self.implementation_version.clone(),
-            );
-        }
-        m
+        spec.encoder_layer = self.clip_skip.map(|c| c.to_string());
+        spec.extra = self.metadata_extra.clone();
+        spec.implementation_version = self.implementation_version.clone();
+        spec.keys(timestamp)
     }
 
     /// The metadata of one save (`save_model` in train_network.py): `start` plus

@@ -66,6 +66,10 @@ pub struct CkptExtras {
     pub opaque: Vec<String>,
     /// Top-level entries whose key and value are strings (a checkpoint's only metadata).
     pub metadata: HashMap<String, String>,
+    /// Top-level integer entries (`epoch`, `global_step` of a training checkpoint).
+    pub ints: HashMap<String, i64>,
+    /// The top-level dict nests the weights under `state_dict`.
+    pub has_state_dict: bool,
 }
 
 /// The state dict of a `torch.save` zip held in `bytes` (the whole file): the tensors of
@@ -124,6 +128,8 @@ pub fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<(Vec<CkptTensor>, Ck
     let top = vm.run()?;
     let sd = vm.state_dict_of(&top)?;
     let metadata = vm.string_items(&top);
+    let ints = vm.int_items(&top);
+    let has_state_dict = vm.has_str_key(&top, "state_dict");
     let mut out = Vec::new();
     for (name, t) in sd {
         let key = format!("{prefix}data/{}", t.storage.key);
@@ -190,6 +196,8 @@ pub fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<(Vec<CkptTensor>, Ck
         CkptExtras {
             opaque: vm.opaque,
             metadata,
+            ints,
+            has_state_dict,
         },
     ))
 }
@@ -1007,6 +1015,29 @@ impl<'a> Unpickler<'a> {
         out
     }
 
+    fn has_str_key(&self, v: &V, key: &str) -> bool {
+        if let V::Ref(i) = v {
+            if let Container::Dict(d) | Container::Opaque { items: d, .. } = &self.arena[*i] {
+                return d.iter().any(|(k, _)| matches!(k, V::Str(s) if &**s == key));
+            }
+        }
+        false
+    }
+
+    fn int_items(&self, v: &V) -> HashMap<String, i64> {
+        let mut out = HashMap::new();
+        if let V::Ref(i) = v {
+            if let Container::Dict(d) | Container::Opaque { items: d, .. } = &self.arena[*i] {
+                for (k, v) in d {
+                    if let (V::Str(k), V::Int(v)) = (k, v) {
+                        out.insert(k.to_string(), *v);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The tensors of `top["state_dict"]` (or of `top`), in the pickle's order.
     fn state_dict_of(&self, top: &V) -> Result<Vec<(String, Rc<TensorV>)>> {
         let p = self.path.display();
@@ -1090,6 +1121,25 @@ fn long_value(b: &[u8]) -> V {
 /// `torch.load(..., weights_only=True)`: it names only `collections.OrderedDict`,
 /// `torch._utils._rebuild_tensor_v2` and `torch.*Storage`.
 pub fn write_state_dict(path: &Path, tensors: &[(String, tch::Tensor)]) -> Result<()> {
+    write_pickle(path, tensors, None)
+}
+
+/// What sd-scripts' `save_stable_diffusion_checkpoint` writes to a `.ckpt`:
+/// `torch.save({"state_dict": {...}, "epoch": e, "global_step": s})`, the state dict a plain dict.
+pub fn write_checkpoint(
+    path: &Path,
+    tensors: &[(String, tch::Tensor)],
+    epoch: i64,
+    global_step: i64,
+) -> Result<()> {
+    write_pickle(path, tensors, Some((epoch, global_step)))
+}
+
+fn write_pickle(
+    path: &Path,
+    tensors: &[(String, tch::Tensor)],
+    wrap: Option<(i64, i64)>,
+) -> Result<()> {
     use std::io::Write;
     let archive = path
         .file_stem()
@@ -1103,8 +1153,14 @@ pub fn write_state_dict(path: &Path, tensors: &[(String, tch::Tensor)]) -> Resul
         .unwrap_or_else(|| "archive".into());
     let mut pkl = PickleWriter::default();
     pkl.bytes(&[0x80, 2]); // PROTO 2
-    pkl.global("collections", "OrderedDict");
-    pkl.bytes(b")R("); // () REDUCE, MARK
+    if wrap.is_some() {
+        pkl.bytes(b"}("); // EMPTY_DICT, MARK
+        pkl.str("state_dict");
+        pkl.bytes(b"}("); // the state dict: a plain dict, MARK
+    } else {
+        pkl.global("collections", "OrderedDict");
+        pkl.bytes(b")R("); // () REDUCE, MARK
+    }
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
     for (i, (name, t)) in tensors.iter().enumerate() {
         let t = t.to_device(tch::Device::Cpu).contiguous();
@@ -1144,7 +1200,15 @@ pub fn write_state_dict(path: &Path, tensors: &[(String, tch::Tensor)]) -> Resul
         pkl.bytes(b")R"); // backward hooks
         pkl.bytes(b"tR"); // the arguments tuple, REDUCE
     }
-    pkl.bytes(b"u."); // SETITEMS, STOP
+    pkl.bytes(b"u"); // SETITEMS
+    if let Some((epoch, step)) = wrap {
+        pkl.str("epoch");
+        pkl.int(epoch);
+        pkl.str("global_step");
+        pkl.int(step);
+        pkl.bytes(b"u"); // SETITEMS of the outer dict
+    }
+    pkl.bytes(b"."); // STOP
 
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let opts = zip::write::FileOptions::default()

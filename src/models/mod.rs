@@ -9,6 +9,7 @@ pub mod layers;
 pub mod loading;
 pub mod nn;
 pub mod recompute;
+pub mod saving;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
