@@ -7,4 +7,6 @@ pub mod doctor;
 pub mod io;
 pub mod lora;
 pub mod models;
+pub mod modelspec;
+pub mod tools;
 pub mod train;
