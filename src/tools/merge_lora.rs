@@ -575,9 +575,15 @@ fn merge_loras(args: &Args, save_to: &Path, merge_kind: Kind, save_kind: Kind) -
             }
         }
     }
-    for (m, a, _) in &base_alphas {
+    for (m, a, int) in &base_alphas {
         let key = format!("{m}.alpha");
-        let t = Tensor::from(*a as f32);
+        // torch.tensor(alpha): int64 for an alpha that came from a rank (hashed as such, then
+        // cast with the rest on saving)
+        let t = if *int {
+            Tensor::from(*a as i64)
+        } else {
+            Tensor::from(*a as f32)
+        };
         match merged_index.get(&key) {
             Some(&i) => merged[i].1 = t,
             None => {
