@@ -120,8 +120,9 @@ pub fn run(argv: &[String]) -> Result<i32> {
         let mean = out.fro.iter().sum::<f64>() / n;
         let std = (out.fro.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
         println!(
-            "Average Frobenius norm retention: {:.2}% | std: {std:0.3}",
-            mean * 100.0
+            "Average Frobenius norm retention: {}% | std: {}",
+            py_fixed(mean * 100.0, 2),
+            py_fixed(std, 3)
         );
     }
     eprintln!("resizing complete");
@@ -174,6 +175,18 @@ pub fn run(argv: &[String]) -> Result<i32> {
     eprintln!("saving model to: {}", save_to.display());
     super::save_state_dict(&save_to, &out.tensors, Some(&metadata))?;
     Ok(0)
+}
+
+/// Python's fixed-point format (`f"{x:.Nf}"`, `f"{x:.N%}"` after ×100): "nan", "inf", "-inf"
+/// where Rust would write "NaN"/"inf".
+fn py_fixed(x: f64, digits: usize) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf" } else { "-inf" }.into()
+    } else {
+        format!("{x:.digits$}")
+    }
 }
 
 /// The resized state dict and what the script reports about it.
@@ -268,10 +281,10 @@ pub fn resize(
                 .contiguous()
         };
         out.report += &format!(
-            "{block:75} | sum(S) retained: {:.1}%, fro retained: {:.1}%, max(S) ratio: {:0.1}",
-            c.sum_retained * 100.0,
-            c.fro_retained * 100.0,
-            c.max_ratio
+            "{block:75} | sum(S) retained: {}%, fro retained: {}%, max(S) ratio: {}",
+            py_fixed(c.sum_retained * 100.0, 1),
+            py_fixed(c.fro_retained * 100.0, 1),
+            py_fixed(c.max_ratio, 1)
         );
         if !c.fro_retained.is_nan() {
             out.fro.push(c.fro_retained);
