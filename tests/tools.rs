@@ -620,6 +620,44 @@ fn bad_inputs_are_named_before_anything_is_written() {
             "--modle",
         ),
     ];
+    // a truncated download and a file that is not a model at all
+    let bytes = std::fs::read(fixtures().join("lora/a.safetensors")).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let junk = dir.join("junk.ckpt");
+    std::fs::write(&junk, b"PK\x03\x04 this is not a zip").unwrap();
+    let (c, j) = (cut.display().to_string(), junk.display().to_string());
+    let mut cases = cases;
+    for tool in [
+        &["resize_lora", "--model", &c][..],
+        &["svd_merge_lora", "--models", &c, "--ratios", "1"][..],
+        &["merge_lora", "--models", &j, "--ratios", "1"][..],
+        &[
+            "merge_lora",
+            "--sd_model",
+            &c,
+            "--models",
+            &f("lora/a.safetensors"),
+            "--ratios",
+            "1",
+        ][..],
+        &[
+            "extract_lora_from_models",
+            "--model_org",
+            &j,
+            "--model_tuned",
+            &f("sd1b/model.safetensors"),
+        ][..],
+    ] {
+        let mut a = args(tool);
+        a.extend(args(&["--save_to", &o]));
+        let needle = if tool.contains(&j.as_str()) {
+            "junk.ckpt"
+        } else {
+            "cut.safetensors"
+        };
+        cases.push((a, needle));
+    }
     for (flags, needle) in cases {
         let err = fails(&flags);
         assert!(
