@@ -44,19 +44,7 @@ pub struct LoraFile {
 }
 
 pub(crate) fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
-    Ok(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Double => Dtype::F64,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        k => bail!("tensor dtype {k:?} cannot be stored in safetensors"),
-    })
+    crate::models::loading::dtype_of_kind(kind)
 }
 
 pub(crate) fn dtype_to_kind(d: Dtype) -> Result<Kind> {

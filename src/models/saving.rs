@@ -2,7 +2,8 @@
 //! the tensors' names, dtypes and shapes first, then each tensor is produced, written and dropped,
 //! so peak memory is about one tensor (plus what the producer keeps). The file goes to a temp
 //! sibling that is renamed into place ([`crate::io::write_atomic`]).
-use anyhow::{anyhow, bail, Context, Result};
+use super::loading::dtype_of_kind;
+use anyhow::{anyhow, Context, Result};
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,22 +18,6 @@ pub struct Planned {
     pub shape: Vec<i64>,
 }
 
-fn dtype_of(kind: Kind) -> Result<Dtype> {
-    Ok(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Double => Dtype::F64,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        k => bail!("tensor dtype {k:?} cannot be stored in safetensors"),
-    })
-}
-
 /// Writes `plan` as a safetensors file with `metadata` (None: no `__metadata__`), asking
 /// `produce` for each tensor in file order (the safetensors crate's order: larger dtypes first,
 /// then by name). A produced tensor must match its plan.
@@ -44,7 +29,7 @@ pub fn write_safetensors_streaming(
 ) -> Result<()> {
     let mut order: Vec<(&Planned, Dtype)> = plan
         .iter()
-        .map(|p| Ok((p, dtype_of(p.kind).with_context(|| p.name.clone())?)))
+        .map(|p| Ok((p, dtype_of_kind(p.kind).with_context(|| p.name.clone())?)))
         .collect::<Result<_>>()?;
     order.sort_by(|(a, da), (b, db)| db.cmp(da).then(a.name.cmp(&b.name)));
     let mut header = serde_json::Map::new();

@@ -12,8 +12,7 @@
 //! buffers, the SD2 text tower's unused last block…) exactly as it was.
 use super::svd_merge_lora::scaled_delta;
 use super::{
-    check_save_to, file_stem, merged_from, metadata_or_empty, parse_args, precision_kind,
-    StateDict, PRECISIONS,
+    check_save_to, file_stem, merged_from, parse_args, precision_kind, StateDict, PRECISIONS,
 };
 use crate::models::config::SdVersion;
 use crate::models::loading::{ldm_key_map, MappedSafetensors, Target, CLIP_V1_PREFIX};
@@ -67,28 +66,10 @@ pub fn run(argv: &[String]) -> Result<i32> {
     let Some(args) = parse_args::<Args>("merge_lora", argv)? else {
         return Ok(0);
     };
-    if args.models.len() != args.ratios.len() {
-        bail!(
-            "--models has {} file(s) but --ratios {} value(s): give one ratio per model",
-            args.models.len(),
-            args.ratios.len()
-        );
-    }
-    if args.models.is_empty() {
-        bail!("--models: give at least one LoRA file to merge");
-    }
-    for m in &args.models {
-        if !m.is_file() {
-            bail!("--models: {}: no such file", m.display());
-        }
-    }
+    super::check_models_ratios(&args.models, &args.ratios)?;
     let save_to = check_save_to("--save_to", args.save_to.as_ref())?;
     let merge_kind = precision_kind(&args.precision);
-    let save_kind = args
-        .save_precision
-        .as_deref()
-        .map(precision_kind)
-        .unwrap_or(merge_kind);
+    let save_kind = super::save_kind_or(args.save_precision.as_deref(), merge_kind);
     match &args.sd_model {
         Some(model) => merge_into_model(&args, model, &save_to, merge_kind, save_kind),
         None => merge_loras(&args, &save_to, merge_kind, save_kind),
@@ -381,15 +362,8 @@ fn merge_into_model(
     } else {
         // torch.save({"state_dict": …, "epoch": …, "global_step": …}); a training checkpoint's
         // own epoch and step carry over, as sd-scripts adds them to 0
-        let (mut epoch, mut step) = (0, 0);
-        if pickle {
-            let bytes = std::fs::read(model)?;
-            let (_, extras) = crate::models::ckpt::read_state_dict(model, &bytes)?;
-            if extras.has_state_dict {
-                epoch += extras.ints.get("epoch").copied().unwrap_or(0);
-                step += extras.ints.get("global_step").copied().unwrap_or(0);
-            }
-        }
+        let epoch = st.counter("epoch").unwrap_or(0);
+        let step = st.counter("global_step").unwrap_or(0);
         let mut tensors = Vec::with_capacity(plan.len());
         for p in &plan {
             tensors.push((p.name.clone(), produce(p)?));
@@ -479,17 +453,11 @@ fn merge_loras(args: &Args, save_to: &Path, merge_kind: Kind, save_kind: Kind) -
     let mut base_dims: Vec<(String, i64)> = Vec::new();
     let mut merged: Vec<(String, Tensor)> = Vec::new();
     let mut merged_index: HashMap<String, usize> = HashMap::new();
-    let (mut v2, mut base_model): (Option<String>, Option<String>) = (None, None);
+    let mut facts = super::MergedFacts::default();
     for (path, &ratio) in args.models.iter().zip(&args.ratios) {
         eprintln!("loading: {}", path.display());
         let sd = StateDict::load(path, Some(merge_kind))?;
-        let md = metadata_or_empty(path)?;
-        if v2.is_none() {
-            v2 = md.get("ss_v2").cloned();
-        }
-        if base_model.is_none() {
-            base_model = md.get("ss_base_model_version").cloned();
-        }
+        facts.take(&sd.metadata);
         // this model's alphas and ranks; the first model to have a module sets its base
         let mut alphas: HashMap<String, f64> = HashMap::new();
         let mut dims: Vec<(String, i64)> = Vec::new();
@@ -631,23 +599,14 @@ fn merge_loras(args: &Args, save_to: &Path, merge_kind: Kind, save_kind: Kind) -
     metadata.insert("ss_network_module".into(), "networks.lora".to_string());
     metadata.insert("ss_network_dim".into(), dims);
     metadata.insert("ss_network_alpha".into(), alphas);
-    if let Some(v) = &v2 {
-        metadata.insert("ss_v2".into(), v.clone());
-    }
-    if let Some(b) = &base_model {
-        metadata.insert("ss_base_model_version".into(), b.clone());
-    }
+    facts.insert_into(&mut metadata);
     eprintln!("calculating hashes and creating metadata...");
     // hashed in the merge precision, before the cast to the save precision (as the script does)
     let (h, l) = super::sshs_hashes(&merged, &metadata)?;
     metadata.insert("sshs_model_hash".into(), h);
     metadata.insert("sshs_legacy_hash".into(), l);
     if !args.no_metadata {
-        let v2b = v2.as_deref() == Some("True");
-        let mut spec = ModelSpec::new(v2b, v2b, Some("lora"));
-        spec.title = Some(file_stem(save_to));
-        spec.merged_from = Some(merged_from(&args.models)?);
-        metadata.extend(spec.keys(crate::lora::metadata::now_unix()));
+        metadata.extend(facts.modelspec(save_to, &args.models)?);
     }
     let tensors: Vec<(String, Tensor)> = merged
         .into_iter()

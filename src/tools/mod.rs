@@ -53,8 +53,9 @@ pub struct StateDict {
     pub path: PathBuf,
     pub keys: Vec<String>,
     pub tensors: HashMap<String, Tensor>,
-    /// The safetensors metadata; None for a pickle (or a safetensors file without any).
-    pub metadata: Option<BTreeMap<String, String>>,
+    /// The safetensors metadata; empty for a pickle (`load_metadata_from_safetensors` gives {},
+    /// and resize_lora's `None` becomes {} before use).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl StateDict {
@@ -81,10 +82,9 @@ impl StateDict {
             tensors.insert(k.clone(), t);
         }
         let metadata = if pickle {
-            None
+            BTreeMap::new()
         } else {
-            let raw = safetensors_metadata(path)?;
-            raw.map(|m| m.into_iter().collect())
+            st.metadata().clone().into_iter().collect()
         };
         Ok(StateDict {
             path: path.to_path_buf(),
@@ -96,6 +96,74 @@ impl StateDict {
 
     pub fn get(&self, k: &str) -> Option<&Tensor> {
         self.tensors.get(k)
+    }
+}
+
+/// `--models` and `--ratios` of the merge scripts: one ratio per model, every model a file.
+pub fn check_models_ratios(models: &[PathBuf], ratios: &[f64]) -> Result<()> {
+    if models.len() != ratios.len() {
+        bail!(
+            "--models has {} file(s) but --ratios {} value(s): give one ratio per model",
+            models.len(),
+            ratios.len()
+        );
+    }
+    if models.is_empty() {
+        bail!("--models: give at least one LoRA file to merge");
+    }
+    for m in models {
+        if !m.is_file() {
+            bail!("--models: {}: no such file", m.display());
+        }
+    }
+    Ok(())
+}
+
+/// `--save_precision` when given, else `default` (the scripts' `save_dtype or merge_dtype`).
+pub fn save_kind_or(save_precision: Option<&str>, default: Kind) -> Kind {
+    save_precision.map(precision_kind).unwrap_or(default)
+}
+
+/// What the merge scripts carry over from their input LoRAs: `ss_v2` and
+/// `ss_base_model_version`, each from the first file that has it.
+#[derive(Debug, Default)]
+pub struct MergedFacts {
+    pub v2: Option<String>,
+    pub base_model: Option<String>,
+}
+
+impl MergedFacts {
+    pub fn take(&mut self, md: &BTreeMap<String, String>) {
+        if self.v2.is_none() {
+            self.v2 = md.get("ss_v2").cloned();
+        }
+        if self.base_model.is_none() {
+            self.base_model = md.get("ss_base_model_version").cloned();
+        }
+    }
+
+    /// `build_minimum_network_metadata`'s optional keys.
+    pub fn insert_into(&self, m: &mut BTreeMap<String, String>) {
+        if let Some(v) = &self.v2 {
+            m.insert("ss_v2".into(), v.clone());
+        }
+        if let Some(b) = &self.base_model {
+            m.insert("ss_base_model_version".into(), b.clone());
+        }
+    }
+
+    /// The merged LoRA's `modelspec.*`: v2 (and then v-prediction, as the scripts assume) from
+    /// `ss_v2`, titled after `save_to`, `merged_from` the inputs' titles.
+    pub fn modelspec(
+        &self,
+        save_to: &Path,
+        models: &[PathBuf],
+    ) -> Result<BTreeMap<String, String>> {
+        let v2 = self.v2.as_deref() == Some("True");
+        let mut spec = crate::modelspec::ModelSpec::new(v2, v2, Some("lora"));
+        spec.title = Some(file_stem(save_to));
+        spec.merged_from = Some(merged_from(models)?);
+        Ok(spec.keys(crate::lora::metadata::now_unix()))
     }
 }
 

@@ -2,7 +2,7 @@
 //! `up @ down` re-factored by SVD to `--new_rank` (`--new_conv_rank` for conv modules), or to the
 //! rank a `--dynamic_method` picks, with the alpha that keeps the module's scale.
 use super::lowrank::{self, Dynamic, RankChoice, Scale};
-use super::{check_save_to, has_ext, parse_args, precision_kind, StateDict, PRECISIONS};
+use super::{check_save_to, has_ext, parse_args, StateDict, PRECISIONS};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::collections::BTreeMap;
@@ -80,11 +80,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     };
     let device = super::parse_device("--device", args.device.as_deref())?;
     let new_conv_rank = args.new_conv_rank.unwrap_or(args.new_rank);
-    let save_kind = args
-        .save_precision
-        .as_deref()
-        .map(precision_kind)
-        .unwrap_or(Kind::Float);
+    let save_kind = super::save_kind_or(args.save_precision.as_deref(), Kind::Float);
 
     eprintln!("loading Model...");
     let sd = StateDict::load(&model, Some(Kind::Float))?;
@@ -127,7 +123,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     }
     eprintln!("resizing complete");
 
-    let mut metadata = sd.metadata.clone().unwrap_or_default();
+    let mut metadata = sd.metadata.clone();
     let comment = metadata
         .get("ss_training_comment")
         .cloned()

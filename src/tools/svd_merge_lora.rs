@@ -3,11 +3,7 @@
 //! with `--lbws`), re-factored by SVD to `--new_rank` / `--new_conv_rank` with the factors clamped
 //! at their 0.99 quantile; alpha = the new rank.
 use super::lowrank;
-use super::{
-    check_save_to, file_stem, merged_from, metadata_or_empty, parse_args, precision_kind,
-    StateDict, PRECISIONS,
-};
-use crate::modelspec::ModelSpec;
+use super::{check_save_to, parse_args, precision_kind, StateDict, PRECISIONS};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::collections::{BTreeMap, HashMap};
@@ -191,16 +187,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     let Some(args) = parse_args::<Args>("svd_merge_lora", argv)? else {
         return Ok(0);
     };
-    if args.models.len() != args.ratios.len() {
-        bail!(
-            "--models has {} file(s) but --ratios {} value(s): give one ratio per model",
-            args.models.len(),
-            args.ratios.len()
-        );
-    }
-    if args.models.is_empty() {
-        bail!("--models: give at least one LoRA file to merge");
-    }
+    super::check_models_ratios(&args.models, &args.ratios)?;
     if !args.lbws.is_empty() && args.lbws.len() != args.models.len() {
         bail!(
             "--lbws has {} list(s) for {} model(s): give one per model",
@@ -209,11 +196,6 @@ pub fn run(argv: &[String]) -> Result<i32> {
         );
     }
     let save_to = check_save_to("--save_to", args.save_to.as_ref())?;
-    for m in &args.models {
-        if !m.is_file() {
-            bail!("--models: {}: no such file", m.display());
-        }
-    }
     let lbws = if args.lbws.is_empty() {
         None
     } else {
@@ -221,11 +203,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     };
     let device = super::parse_device("--device", args.device.as_deref())?;
     let merge_kind = precision_kind(&args.precision);
-    let save_kind = args
-        .save_precision
-        .as_deref()
-        .map(precision_kind)
-        .unwrap_or(merge_kind);
+    let save_kind = super::save_kind_or(args.save_precision.as_deref(), merge_kind);
     let new_rank = args.new_rank;
     let new_conv_rank = args.new_conv_rank.unwrap_or(new_rank);
     eprintln!("new rank: {new_rank}, new conv rank: {new_conv_rank}");
@@ -233,16 +211,22 @@ pub fn run(argv: &[String]) -> Result<i32> {
     let _guard = tch::no_grad_guard();
     let mut merged: Vec<(String, Tensor)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
-    let (mut v2, mut base_model): (Option<String>, Option<String>) = (None, None);
+    let mut facts = super::MergedFacts::default();
     for (mi, (model, &ratio)) in args.models.iter().zip(&args.ratios).enumerate() {
         eprintln!("loading: {}", model.display());
         let sd = StateDict::load(model, Some(merge_kind))?;
-        let md = metadata_or_empty(model)?;
-        if v2.is_none() {
-            v2 = md.get("ss_v2").cloned();
-        }
-        if base_model.is_none() {
-            base_model = md.get("ss_base_model_version").cloned();
+        facts.take(&sd.metadata);
+        if !args.no_metadata
+            && facts
+                .base_model
+                .as_deref()
+                .is_some_and(|b| b.to_lowercase().starts_with("sdxl"))
+        {
+            bail!(
+                "{}: an SDXL LoRA (ss_base_model_version sdxl_*); sdlora's tools handle SD1.x/2.x \
+                 LoRAs only so far",
+                model.display()
+            );
         }
         eprintln!("merging...");
         for key in &sd.keys {
@@ -335,12 +319,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     metadata.insert("ss_network_module".into(), "networks.lora".into());
     metadata.insert("ss_network_dim".into(), new_rank.to_string());
     metadata.insert("ss_network_alpha".into(), new_rank.to_string());
-    if let Some(v) = &v2 {
-        metadata.insert("ss_v2".into(), v.clone());
-    }
-    if let Some(b) = &base_model {
-        metadata.insert("ss_base_model_version".into(), b.clone());
-    }
+    facts.insert_into(&mut metadata);
     metadata.insert(
         "ss_network_args".into(),
         format!("{{\"conv_dim\": {new_conv_rank}, \"conv_alpha\": {new_conv_rank}}}"),
@@ -350,17 +329,7 @@ pub fn run(argv: &[String]) -> Result<i32> {
     metadata.insert("sshs_model_hash".into(), h);
     metadata.insert("sshs_legacy_hash".into(), l);
     if !args.no_metadata {
-        let v2b = v2.as_deref() == Some("True");
-        if base_model
-            .as_deref()
-            .is_some_and(|b| b.to_lowercase().starts_with("sdxl"))
-        {
-            bail!("these are SDXL LoRAs (ss_base_model_version sdxl_*); sdlora's tools handle SD1.x/2.x LoRAs only so far");
-        }
-        let mut spec = ModelSpec::new(v2b, v2b, Some("lora"));
-        spec.title = Some(file_stem(&save_to));
-        spec.merged_from = Some(merged_from(&args.models)?);
-        metadata.extend(spec.keys(crate::lora::metadata::now_unix()));
+        metadata.extend(facts.modelspec(&save_to, &args.models)?);
     }
     eprintln!("saving model to: {}", save_to.display());
     super::save_state_dict(&save_to, &tensors, Some(&metadata))?;

@@ -11,6 +11,9 @@ pub struct MappedSafetensors {
     /// (name, entry) sorted by file offset, so reading streams through the file once.
     tensors: Vec<(String, Entry)>,
     metadata: HashMap<String, String>,
+    /// A `torch.save` checkpoint's top-level integers (`epoch`, `global_step`), kept only when
+    /// it nests its weights under `state_dict` (a training checkpoint); empty otherwise.
+    counters: HashMap<String, i64>,
 }
 
 /// Where one tensor's data lies in the mapped file.
@@ -39,6 +42,23 @@ pub fn kind_of_dtype(d: Dtype) -> Option<Kind> {
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
         _ => return None,
+    })
+}
+
+/// The safetensors dtype of a libtorch kind, for writing (the inverse of [`kind_of_dtype`]).
+pub fn dtype_of_kind(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        k => bail!("tensor dtype {k:?} cannot be stored in safetensors"),
     })
 }
 
@@ -91,6 +111,7 @@ impl MappedSafetensors {
             mmap,
             tensors,
             metadata,
+            counters: HashMap::new(),
         })
     }
 
@@ -135,7 +156,17 @@ impl MappedSafetensors {
             mmap,
             tensors,
             metadata: extras.metadata,
+            counters: if extras.has_state_dict {
+                extras.ints
+            } else {
+                HashMap::new()
+            },
         })
+    }
+
+    /// See the `counters` field: `epoch`, `global_step` of a training checkpoint.
+    pub fn counter(&self, name: &str) -> Option<i64> {
+        self.counters.get(name).copied()
     }
 
     pub fn path(&self) -> &Path {

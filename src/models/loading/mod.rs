@@ -140,7 +140,7 @@ use detect::*;
 use diffusers::*;
 pub use ldm_keys::Target;
 use ldm_keys::*;
-pub use mapped::{kind_of_dtype, Entry, MappedSafetensors};
+pub use mapped::{dtype_of_kind, kind_of_dtype, Entry, MappedSafetensors};
 use shapes::*;
 pub use shapes::{clip_shapes, unet_shapes, vae_shapes};
 use single_file::*;
