@@ -1000,56 +1000,48 @@ impl<'a> Unpickler<'a> {
         }
     }
 
+    /// The entries of a dict value (an opaque object's state dict included); None otherwise.
+    fn dict_items(&self, v: &V) -> Option<&Vec<(V, V)>> {
+        match v {
+            V::Ref(i) => match &self.arena[*i] {
+                Container::Dict(d) | Container::Opaque { items: d, .. } => Some(d),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// `str: str` entries of a dict value.
     fn string_items(&self, v: &V) -> HashMap<String, String> {
-        let mut out = HashMap::new();
-        if let V::Ref(i) = v {
-            if let Container::Dict(d) | Container::Opaque { items: d, .. } = &self.arena[*i] {
-                for (k, v) in d {
-                    if let (V::Str(k), V::Str(v)) = (k, v) {
-                        out.insert(k.to_string(), v.to_string());
-                    }
-                }
-            }
-        }
-        out
+        let items = self.dict_items(v).into_iter().flatten();
+        items
+            .filter_map(|(k, v)| match (k, v) {
+                (V::Str(k), V::Str(v)) => Some((k.to_string(), v.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `str: int` entries of a dict value.
+    fn int_items(&self, v: &V) -> HashMap<String, i64> {
+        let items = self.dict_items(v).into_iter().flatten();
+        items
+            .filter_map(|(k, v)| match (k, v) {
+                (V::Str(k), V::Int(v)) => Some((k.to_string(), *v)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn has_str_key(&self, v: &V, key: &str) -> bool {
-        if let V::Ref(i) = v {
-            if let Container::Dict(d) | Container::Opaque { items: d, .. } = &self.arena[*i] {
-                return d.iter().any(|(k, _)| matches!(k, V::Str(s) if &**s == key));
-            }
-        }
-        false
-    }
-
-    fn int_items(&self, v: &V) -> HashMap<String, i64> {
-        let mut out = HashMap::new();
-        if let V::Ref(i) = v {
-            if let Container::Dict(d) | Container::Opaque { items: d, .. } = &self.arena[*i] {
-                for (k, v) in d {
-                    if let (V::Str(k), V::Int(v)) = (k, v) {
-                        out.insert(k.to_string(), *v);
-                    }
-                }
-            }
-        }
-        out
+        let mut items = self.dict_items(v).into_iter().flatten();
+        items.any(|(k, _)| matches!(k, V::Str(s) if &**s == key))
     }
 
     /// The tensors of `top["state_dict"]` (or of `top`), in the pickle's order.
     fn state_dict_of(&self, top: &V) -> Result<Vec<(String, Rc<TensorV>)>> {
         let p = self.path.display();
-        let dict_items = |v: &V| -> Option<&Vec<(V, V)>> {
-            match v {
-                V::Ref(i) => match &self.arena[*i] {
-                    Container::Dict(d) | Container::Opaque { items: d, .. } => Some(d),
-                    _ => None,
-                },
-                _ => None,
-            }
-        };
+        let dict_items = |v: &V| self.dict_items(v);
         let Some(items) = dict_items(top) else {
             bail!(
                 "{p}: the checkpoint holds {}, not a dict of tensors",
